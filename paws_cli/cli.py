@@ -1,0 +1,297 @@
+"""The `paws` command line. Commands are thin: they resolve settings and call the library.
+
+Every user error (settings, data, checkpoints, run directories) prints one clear message and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from paws_cli.config import (
+    ConfigError,
+    Settings,
+    find_recipe,
+    load_settings,
+    recipe_description,
+    recipe_names,
+    setting_paths,
+    settings_to_yaml,
+)
+
+app = typer.Typer(
+    name="paws",
+    help="PAWS semi-supervised pretraining and evaluation. Settings: --recipe NAME|PATH plus key=value overrides "
+    "(see `paws settings`).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipes_app = typer.Typer(help="List and show the named recipes in recipes/.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RecipeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--recipe", "-r", help="Recipe name in recipes/ or a YAML path (a run's resolved_config.yaml too)."
+    ),
+]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Dotted key=value overrides, e.g. optim.lr=0.3 run.name=try1.")
+]
+
+
+def user_errors(fn: F) -> F:
+    """Turn the toolkit's user-facing errors into one red line and exit code 2 (no traceback)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from paws_cli.train.checkpoint import CheckpointError
+        from paws_cli.train.rundir import RunDirError
+
+        try:
+            return fn(*args, **kwargs)
+        except (
+            ConfigError,
+            CheckpointError,
+            RunDirError,
+            ValueError,
+            FileNotFoundError,
+            NotADirectoryError,
+        ) as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(recipe: str | None, overrides: list[str] | None) -> Settings:
+    return load_settings(recipe, overrides or [])
+
+
+def _default_name(recipe: str | None, settings: Settings) -> str:
+    stem = Path(recipe).stem if recipe else "run"
+    if stem == "resolved_config" and recipe:
+        stem = Path(recipe).parent.name
+    return stem if settings.method == "paws" else f"{stem}_{settings.method}"
+
+
+@app.command()
+@user_errors
+def pretrain(
+    overrides: OverridesArg = None,
+    recipe: RecipeOption = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in the run directory from its checkpoint.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start again in an existing run directory.")] = False,
+    print_config: Annotated[bool, typer.Option(help="Print the resolved settings as YAML and exit.")] = False,
+) -> None:
+    """Pretrain with the configured method (PAWS, or method=supervised for the labelled-only baseline)."""
+    settings = _settings(recipe, overrides)
+    if print_config:
+        console.print(settings_to_yaml(settings), end="", highlight=False, markup=False)
+        return
+    from paws_cli.train.loop import train
+
+    result = train(
+        settings,
+        resume=resume,
+        overwrite=overwrite,
+        console=console,
+        default_name=_default_name(recipe, settings),
+    )
+    console.print(
+        f"done: {result.steps} steps in {result.train_seconds:.1f} s ({result.images_per_second:.0f} unlabelled "
+        f"img/s, data wait {100 * result.data_fraction:.1f}%); checkpoint {result.checkpoint}"
+    )
+
+
+@app.command("knn-eval")
+@user_errors
+def knn_eval(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt written by `paws pretrain`.")],
+    overrides: OverridesArg = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Results JSON (default: knn_eval.json beside the checkpoint).")
+    ] = None,
+) -> None:
+    """PAWS-NN (soft nearest neighbour) and k-NN top-1/top-5 on the test set, banked on the run's labelled subset."""
+    from paws_cli.eval.knn_eval import evaluate_checkpoint, results_path
+    from paws_cli.io_utils import atomic_write_text
+    from paws_cli.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    settings = load_settings(base=state["settings"], overrides=overrides or [])
+    result = evaluate_checkpoint(state, settings, str(checkpoint))
+    print_knn_table(result)
+    out = output or results_path(checkpoint)
+    atomic_write_text(out, json.dumps(result.as_dict(), indent=2) + "\n")
+    console.print(f"results: {out}")
+
+
+def print_knn_table(result: Any) -> None:
+    console.print(
+        f"dataset {result.dataset}; bank: {result.bank}; queries: {result.queries} test images; "
+        f"embedding: {result.embedding} ({result.embedding_dim}-d)"
+    )
+    table = Table(title=f"knn-eval of {result.checkpoint}")
+    for col in ("classifier", "top-1 %", "top-5 %"):
+        table.add_column(col, justify="right" if col != "classifier" else "left")
+    table.add_row(
+        f"PAWS-NN (soft NN, tau {result.soft_nn_tau})",
+        f"{result.paws_nn_top1:.2f}",
+        f"{result.paws_nn_top5:.2f}",
+    )
+    table.add_row(
+        f"k-NN (k {result.knn_k}, T {result.knn_temperature})",
+        f"{result.knn_top1:.2f}",
+        f"{result.knn_top5:.2f}",
+    )
+    if result.classifier_top1 is not None:
+        table.add_row(
+            "linear classifier (supervised)", f"{result.classifier_top1:.2f}", f"{result.classifier_top5:.2f}"
+        )
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def finetune(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint to fine-tune.")],
+    overrides: OverridesArg = None,
+    recipe: RecipeOption = None,
+) -> None:
+    """Fine-tune a pretrained checkpoint on the labelled subset (not implemented yet)."""
+    err_console.print(
+        "[bold red]error:[/] `paws finetune` is not implemented yet; use `paws knn-eval` for now."
+    )
+    raise typer.Exit(2)
+
+
+@app.command("convert-dataset")
+@user_errors
+def convert_dataset(
+    name: Annotated[str, typer.Argument(help="Dataset to convert: fashion-mnist.")],
+    out: Annotated[Path, typer.Argument(help="Output directory of the converted dataset.")],
+    root: Annotated[
+        Path | None, typer.Option(help="Folder with the raw files (default: Debian's dataset-fashion-mnist).")
+    ] = None,
+) -> None:
+    """Convert a dataset into the toolkit's on-disk array format."""
+    from data_tools.convert import convert_dataset as convert
+    from paws_cli.data.arrays import load_array_dataset
+
+    path = convert(name, out, root)
+    ds = load_array_dataset(path)
+    console.print(
+        f"wrote {path}: {len(ds.train_labels)} train / {len(ds.test_labels)} test images, {ds.num_classes} classes, "
+        f"mean {[round(m, 4) for m in ds.mean]} std {[round(s, 4) for s in ds.std]}"
+    )
+
+
+@app.command("make-splits")
+@user_errors
+def make_splits(
+    dataset: Annotated[Path, typer.Argument(help="A converted dataset directory.")],
+    out: Annotated[Path, typer.Argument(help="Output directory for labelled.txt (and val.txt).")],
+    per_class: Annotated[
+        int | None, typer.Option(help="Labelled images per class (seeded, class-balanced).")
+    ] = None,
+    percent: Annotated[float | None, typer.Option(help="Labelled percentage of each class.")] = None,
+    official: Annotated[
+        Path | None, typer.Option(help="An official split list (e.g. CIFAR spc.4000_split.*.txt).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the draw.")] = 0,
+    val_per_class: Annotated[int, typer.Option(help="Held-out images per class for model selection.")] = 0,
+) -> None:
+    """Write the labelled-subset split file (and a held-out val split) for a dataset."""
+    from data_tools.make_splits import make_splits as make
+
+    if sum(x is not None for x in (per_class, percent, official)) != 1:
+        raise ValueError("give exactly one of --per-class, --percent or --official")
+    written = make(
+        dataset,
+        out,
+        per_class=per_class,
+        percent=percent,
+        seed=seed,
+        official=official,
+        val_per_class=val_per_class,
+    )
+    for kind, path in written.items():
+        n = sum(1 for line in path.read_text().splitlines() if line and not line.startswith("#"))
+        console.print(f"{kind}: {path} ({n} images)")
+
+
+@recipes_app.command("ls")
+def recipes_ls() -> None:
+    """Table of the named recipes."""
+    table = Table(title="recipes")
+    for col in ("name", "method", "backbone", "world size", "description"):
+        table.add_column(col)
+    for name in recipe_names():
+        s = load_settings(name, environ={})
+        table.add_row(name, s.method, s.model.backbone, str(s.world_size), recipe_description(name))
+    console.print(table)
+
+
+@recipes_app.command("show")
+@user_errors
+def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name or path.")]) -> None:
+    """Print a recipe file and its fully resolved settings."""
+    path = find_recipe(name)
+    console.print(f"# {path}", highlight=False)
+    console.print(path.read_text(), highlight=False, markup=False)
+    console.print("# resolved:", highlight=False)
+    console.print(settings_to_yaml(load_settings(name, environ={})), highlight=False, markup=False, end="")
+
+
+@app.command("settings")
+@user_errors
+def settings_cmd(overrides: OverridesArg = None, recipe: RecipeOption = None) -> None:
+    """Every settings key with its resolved value and documentation."""
+    settings = _settings(recipe, overrides)
+    table = Table(title="settings (override with key=value or PAWS_SECTION__KEY=value)")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    table.add_column("description")
+    dumped = settings.model_dump(mode="json")
+    for key, info in setting_paths().items():
+        value: Any = dumped
+        for part in key.split("."):
+            value = value[part]
+        table.add_row(key, json.dumps(value), info.description or "")
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def demo(
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Demo recipe.")] = "fmnist_demo",
+    overrides: OverridesArg = None,
+) -> None:
+    """Pretrain PAWS on Fashion-MNIST, then compare PAWS-NN with a supervised-only and a raw-pixel baseline."""
+    from paws_cli.demo import run_demo
+
+    run_demo(recipe, overrides or [], console)
+
+
+def main() -> None:
+    app(prog_name="paws")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

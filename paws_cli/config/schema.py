@@ -1,0 +1,195 @@
+"""The one settings tree shared by every command. Each field's description doubles as CLI help (`paws settings`).
+
+Batch and support sizes are *per process*; the run prints the resolved global values at start.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSettings(Section):
+    dataset: Literal["fashion_mnist", "array"] = Field(
+        "fashion_mnist",
+        description="Dataset kind: 'fashion_mnist' (embedded; converted on first use) or 'array' (a directory "
+        "written by `paws convert-dataset`).",
+    )
+    path: str | None = Field(
+        None, description="Converted dataset directory. For fashion_mnist, None converts into data.cache_dir."
+    )
+    root: str | None = Field(
+        None,
+        description="Folder with the raw Fashion-MNIST .gz files; None looks in Debian's "
+        "/usr/share/datasets/fashion-mnist.",
+    )
+    cache_dir: str = Field("data", description="Where datasets converted on the fly are kept.")
+    split: str | None = Field(
+        None,
+        description="Labelled-subset split file (toolkit format or an official list). None draws a seeded "
+        "class-balanced subset of data.labels_per_class images per class.",
+    )
+    labels_per_class: int | None = Field(
+        10, ge=1, description="Labelled images per class when no split file is given."
+    )
+    label_percent: float | None = Field(
+        None, gt=0, le=100, description="Labelled percentage per class instead of data.labels_per_class."
+    )
+    split_seed: int = Field(0, description="Seed of the class-balanced labelled draw.")
+
+    @model_validator(mode="after")
+    def _one_label_amount(self) -> DataSettings:
+        if self.label_percent is not None and "labels_per_class" not in self.model_fields_set:
+            object.__setattr__(self, "labels_per_class", None)  # a percentage replaces the default count
+        if self.label_percent is not None and self.labels_per_class is not None:
+            raise ValueError(
+                "set only one of data.labels_per_class and data.label_percent (set the other to null)"
+            )
+        return self
+
+
+class AugmentSettings(Section):
+    large_size: int = Field(224, ge=8, description="Side of the 2 large views and the supports, in pixels.")
+    large_scale: tuple[float, float] = Field(
+        (0.14, 1.0), description="RandomResizedCrop area range of large views (0.08-1.0 without multi-crop)."
+    )
+    num_small: int = Field(6, ge=0, description="M, the number of small (multi-crop) views per image.")
+    small_size: int = Field(96, ge=8, description="Side of the small views, in pixels.")
+    small_scale: tuple[float, float] = Field(
+        (0.05, 0.14), description="RandomResizedCrop area range of small views."
+    )
+    flip_p: float = Field(0.5, ge=0, le=1, description="Horizontal flip probability.")
+    jitter_strength: float = Field(
+        1.0, ge=0, description="s: brightness/contrast/saturation 0.8*s, hue 0.2*s (CIFAR 0.5)."
+    )
+    jitter_p: float = Field(0.8, ge=0, le=1, description="Probability of applying colour jitter.")
+    grayscale_p: float = Field(0.2, ge=0, le=1, description="Random grayscale probability (RGB only).")
+    blur_p: float = Field(0.5, ge=0, le=1, description="Gaussian blur probability, sigma ~ U(0.1, 2.0).")
+    solarize_p: float = Field(0.0, ge=0, le=1, description="Solarize probability (CIFAR recipe: 0.2).")
+    equalize_p: float = Field(0.0, ge=0, le=1, description="Equalize probability (CIFAR recipe: 0.2).")
+    support_views: int = Field(
+        1, ge=1, description="V, augmented views per support image (ImageNet 1, CIFAR 2)."
+    )
+
+    @model_validator(mode="after")
+    def _scales_are_ranges(self) -> AugmentSettings:
+        for name in ("large_scale", "small_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"augment.{name} must satisfy 0 < low <= high <= 1, got ({low}, {high})")
+        return self
+
+
+class ModelSettings(Section):
+    backbone: str = Field(
+        "resnet50", description="timm model name (resnet50, resnet50x2, wrn28_2, cnn_w16, ...)."
+    )
+    proj_hidden_dim: int | None = Field(
+        None, ge=1, description="Projection head hidden width; None = the backbone's feature width."
+    )
+    proj_out_dim: int = Field(2048, ge=1, description="D, the projection output width (RN50 2048, WRN 128).")
+    proj_layers: int = Field(
+        3, ge=0, le=3, description="Projection head Linear layers (0 disables the head)."
+    )
+    pred_hidden_dim: int | None = Field(
+        512, ge=1, description="Prediction head hidden width (D/4 on ImageNet); null disables the head."
+    )
+    channels_last: bool = Field(False, description="Use channels_last memory format (faster convs on GPUs).")
+
+
+class LossSettings(Section):
+    tau: float = Field(0.1, gt=0, description="Soft nearest-neighbour temperature.")
+    sharpen_T: float = Field(  # noqa: N815  (the paper calls it T; the loss argument is sharpen_T)
+        0.25, gt=0, description="Target sharpening temperature T (0 < T; T < 1 sharpens)."
+    )
+    me_max: bool = Field(True, description="Add the mean-entropy maximisation regulariser.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Support label smoothing.")
+
+
+class SupportSettings(Section):
+    classes_per_batch: int = Field(15, ge=1, description="K, classes per support batch, per process.")
+    images_per_class: int = Field(7, ge=1, description="P, labelled images per class in a support batch.")
+    unique_classes_per_rank: bool = Field(
+        True, description="Each process takes its own K classes, so the global support covers K x W classes."
+    )
+
+
+class OptimSettings(Section):
+    optimizer: Literal["lars", "sgd"] = Field("lars", description="LARS (over SGD+momentum) or plain SGD.")
+    batch_size: int = Field(64, ge=1, description="Unlabelled images per process and step.")
+    epochs: int = Field(100, ge=1, description="Training epochs (passes over the unlabelled set).")
+    lr: float = Field(6.4, gt=0, description="Peak learning rate, absolute for the recipe's global batch.")
+    start_lr: float = Field(0.3, ge=0, description="Learning rate at the first warm-up step.")
+    final_lr: float = Field(0.064, ge=0, description="Learning rate reached by the cosine at the last step.")
+    warmup_epochs: float = Field(10, ge=0, description="Linear warm-up length in epochs.")
+    weight_decay: float = Field(
+        1e-6, ge=0, description="Weight decay (not on biases and normalisation layers)."
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(False, description="Nesterov momentum.")
+    trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient.")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> OptimSettings:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"optim.warmup_epochs={self.warmup_epochs} exceeds optim.epochs={self.epochs}")
+        return self
+
+
+class RunSettings(Section):
+    name: str | None = Field(None, description="Run name; the run directory is run.out_dir/run.name.")
+    out_dir: str = Field("runs", description="Parent folder of run directories.")
+    seed: int = Field(0, description="Seed of everything random in the run.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when available.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast precision of the network (the loss is always float32)."
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = all cores.")
+    log_every: int = Field(10, ge=1, description="Write step metrics every N steps.")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Also keep checkpoint-epochN.pt every N epochs (0 = only 'latest')."
+    )
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (smoke tests).")
+    time_budget_s: float | None = Field(
+        None,
+        gt=0,
+        description="Wall-clock budget: the schedule runs on elapsed/budget and training stops when it is spent "
+        "(used to give baselines the same budget as PAWS). Not deterministic.",
+    )
+    progress: bool = Field(True, description="Show the rich progress bar.")
+
+
+class EvalSettings(Section):
+    embedding: Literal["auto", "backbone", "projection", "prediction"] = Field(
+        "auto", description="Embedding for nearest-neighbour evaluation; auto = prediction head if present."
+    )
+    soft_nn_tau: float = Field(0.1, gt=0, description="PAWS-NN temperature.")
+    knn_k: int = Field(20, ge=1, description="k of the classic k-NN classifier.")
+    knn_temperature: float = Field(0.07, gt=0, description="Temperature of the k-NN vote weights.")
+    batch_size: int = Field(512, ge=1, description="Images per embedding batch.")
+
+
+class Settings(Section):
+    """Everything a run needs. Sections: data, augment, model, loss, support, optim, run, eval."""
+
+    method: Literal["paws", "supervised"] = Field(
+        "paws",
+        description="'paws', or 'supervised': the labelled-only baseline (same backbone and augmentations, "
+        "cross-entropy on the labelled images).",
+    )
+    world_size: int = Field(1, ge=1, description="Number of processes the recipe was written for.")
+    data: DataSettings = DataSettings()
+    augment: AugmentSettings = AugmentSettings()
+    model: ModelSettings = ModelSettings()
+    loss: LossSettings = LossSettings()
+    support: SupportSettings = SupportSettings()
+    optim: OptimSettings = OptimSettings()
+    run: RunSettings = RunSettings()
+    eval: EvalSettings = EvalSettings()

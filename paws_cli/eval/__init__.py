@@ -1,0 +1,1 @@
+"""Evaluation of learned representations: nearest-neighbour classifiers and accuracy metrics."""

@@ -1,0 +1,23 @@
+"""Method losses on plain tensors. Each method's loss lives in its own module."""
+
+from paws_cli.losses.paws import (
+    PAWSLossTerms,
+    paws_health,
+    paws_loss,
+    paws_loss_terms,
+    paws_targets,
+    sharpen,
+    snn,
+    support_label_matrix,
+)
+
+__all__ = [
+    "PAWSLossTerms",
+    "paws_health",
+    "paws_loss",
+    "paws_loss_terms",
+    "paws_targets",
+    "sharpen",
+    "snn",
+    "support_label_matrix",
+]

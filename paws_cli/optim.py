@@ -1,0 +1,100 @@
+"""Optimiser and per-step learning-rate schedule, shared by every method.
+
+LARS and the warm-up + cosine schedule come from timm. What is ours is the parameter grouping: biases and
+*every* normalisation parameter are excluded from weight decay and LARS adaptation by module type (the reference
+matched parameter names and missed the downsample BatchNorm weights).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.optim import Lars
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from paws_cli.config.schema import OptimSettings
+
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
+
+
+def split_decay_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(adapted, excluded): excluded holds biases and all parameters of normalisation modules."""
+    adapted: list[nn.Parameter] = []
+    excluded: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            is_norm = isinstance(module, NORM_LAYERS) or type(module).__name__.lower().endswith("norm2d")
+            (excluded if is_norm or name == "bias" or param.ndim <= 1 else adapted).append(param)
+    return adapted, excluded
+
+
+def create_optimizer(model: nn.Module, cfg: OptimSettings) -> torch.optim.Optimizer:
+    """LARS (timm) or SGD over two groups; the learning rate is set per step by the schedule."""
+    adapted, excluded = split_decay_params(model)
+    if cfg.optimizer == "lars":
+        # always_adapt keeps LARS on for the main group even with weight_decay=0; the excluded group has
+        # weight_decay 0 and always_adapt False, which timm's Lars treats as plain SGD with momentum.
+        groups = [
+            {"params": adapted, "weight_decay": cfg.weight_decay, "always_adapt": True},
+            {"params": excluded, "weight_decay": 0.0, "always_adapt": False},
+        ]
+        return Lars(
+            groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            trust_coeff=cfg.trust_coefficient,
+        )
+    groups = [
+        {"params": adapted, "weight_decay": cfg.weight_decay},
+        {"params": excluded, "weight_decay": 0.0},
+    ]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+class StepSchedule:
+    """Linear warm-up from start_lr to lr, then cosine to final_lr reached exactly at the last step.
+
+    Wraps timm's CosineLRScheduler, stepped per update; `set(step)` is all resume needs (no hidden state).
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, cfg: OptimSettings, total_steps: int, steps_per_epoch: int
+    ):
+        self.total_steps = total_steps
+        self.warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+        self.optimizer = optimizer
+        for group in optimizer.param_groups:  # timm takes the peak from the groups' initial_lr
+            group["lr"] = group["initial_lr"] = cfg.lr
+        self._timm = CosineLRScheduler(
+            optimizer,
+            # the cosine spans the remaining steps so that its end value lands on the last step (total - 1)
+            t_initial=max(total_steps - self.warmup_steps - 1, 1),
+            lr_min=cfg.final_lr,
+            warmup_t=self.warmup_steps,
+            warmup_lr_init=cfg.start_lr,
+            warmup_prefix=True,
+            cycle_limit=1,
+            t_in_epochs=False,
+        )
+
+    def set(self, step: int) -> float:
+        """Set the learning rate of every group for `step` (0-based) and return it."""
+        self._timm.step_update(step)
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def set_progress(self, fraction: float) -> float:
+        """Set the learning rate for a fraction of training done (time-budgeted runs)."""
+        return self.set(min(math.floor(fraction * self.total_steps), self.total_steps - 1))

@@ -1,0 +1,1 @@
+"""The shared training machinery: run directories, checkpoints, metrics and the loop."""

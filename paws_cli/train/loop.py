@@ -1,0 +1,326 @@
+"""The training loop shared by every method. Reads top to bottom: set-up, resume, steps, epoch ends.
+
+The learning rate is computed per step from the step counter alone; resume is one call (`_resume`) that
+restores model, optimiser, samplers, RNG and the step counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from paws_cli import distributed as dist
+from paws_cli.config import Settings
+from paws_cli.data.pipeline import TrainData, describe_dataset, labelled_indices, load_dataset
+from paws_cli.data.splits import write_split
+from paws_cli.methods import create_method
+from paws_cli.optim import StepSchedule, create_optimizer
+from paws_cli.train.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from paws_cli.train.progress import TrainProgress
+from paws_cli.train.rundir import CHECKPOINT, JsonlWriter, prepare_run_dir, run_dir_of, write_resolved_config
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step, the lr and the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    steps: int
+    train_seconds: float
+    images_per_second: float
+    data_fraction: float
+    last_epoch: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device=cuda but no CUDA device is available; use run.device=cpu or auto")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast for the network's forward; the losses switch it off for themselves (float32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("run.precision=fp16 needs a CUDA device; use run.precision=bf16 on the CPU")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def describe_globals(settings: Settings, data: TrainData, world: int, total_steps: int) -> list[str]:
+    """The resolved global numbers a user checks before spending GPU-hours."""
+    o, s, a = settings.optim, settings.support, settings.augment
+    lines = [
+        f"processes: {world}"
+        + (f" (recipe written for {settings.world_size})" if world != settings.world_size else ""),
+        f"global unlabelled batch: {o.batch_size * world} ({o.batch_size} per process), views 2x{a.large_size}px"
+        + (f" + {a.num_small}x{a.small_size}px" if a.num_small else ""),
+    ]
+    if settings.method == "paws" or settings.method == "supervised":
+        classes = s.classes_per_batch * (world if s.unique_classes_per_rank else 1)
+        lines.append(
+            f"global support: {classes} classes x {s.images_per_class} images x {a.support_views} view(s) = "
+            f"{s.classes_per_batch * s.images_per_class * a.support_views * world} per step"
+        )
+    lines.append(
+        f"lr: {o.start_lr} -> {o.lr} over {o.warmup_epochs} warm-up epochs, cosine to {o.final_lr}; "
+        f"{o.optimizer}, weight decay {o.weight_decay}"
+    )
+    lines.append(f"steps: {data.steps_per_epoch} per epoch x {o.epochs} epochs = {total_steps}")
+    return lines
+
+
+def train(
+    settings: Settings,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    default_name: str = "run",
+) -> TrainResult:
+    console = console or Console()
+    main = dist.is_main_process()
+    run = settings.run
+    if run.num_threads:
+        torch.set_num_threads(run.num_threads)
+    device = resolve_device(run.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(run.seed)
+
+    # --- data, model, optimiser ---
+    run_dir = prepare_run_dir(run_dir_of(settings, default_name), resume=resume, overwrite=overwrite)
+    dataset = load_dataset(settings.data)
+    labelled, split_description = labelled_indices(settings.data, dataset)
+    method = create_method(settings, in_chans=dataset.image_shape[0], num_classes=dataset.num_classes)
+    model = method.build_model().to(device)
+    if settings.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    world = dist.world_size()
+    data = TrainData(
+        settings,
+        dataset,
+        labelled,
+        device=device,
+        world_size=world,
+        rank=dist.rank(),
+        need_unlabelled=method.needs_unlabelled,
+    )
+    optimizer = create_optimizer(model, settings.optim)
+    steps_per_epoch = data.steps_per_epoch
+    total_steps = settings.optim.epochs * steps_per_epoch
+    schedule = StepSchedule(optimizer, settings.optim, total_steps, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" and device.type == "cuda" else None
+
+    step = 0
+    checkpoint_path = run_dir / CHECKPOINT
+    if resume:
+        step = _resume(checkpoint_path, settings, model, optimizer, data, scaler)
+    if main:
+        write_resolved_config(run_dir, settings)
+        write_split(
+            run_dir / "labelled.txt",
+            labelled.tolist(),
+            {"dataset": dataset.name, "source": split_description},
+        )
+        console.print(f"[bold]paws {settings.method}[/] -> {run_dir}")
+        console.print(f"data: {describe_dataset(dataset)}; labelled: {split_description}")
+        console.print(f"support: {data.supports.describe()}")
+        for line in describe_globals(settings, data, world, total_steps):
+            console.print(f"  {line}")
+        if world != settings.world_size:
+            console.print(
+                f"[yellow]warning: running on {world} process(es) but the recipe was written for "
+                f"{settings.world_size}; global batch, support and learning rates differ from the recipe's.[/]"
+            )
+
+    # --- training ---
+    step_log = JsonlWriter(run_dir / "metrics.jsonl") if main else None
+    epoch_log = JsonlWriter(run_dir / "epochs.jsonl") if main else None
+    last_stop = step + run.max_steps if run.max_steps else total_steps
+    progress = TrainProgress(
+        console, total=min(total_steps, last_stop), start=step, enabled=main and run.progress
+    )
+    images_per_step = settings.optim.batch_size * world
+    train_seconds = data_seconds = 0.0
+    steps_this_session = 0
+    last_epoch: dict[str, float] = {}
+    stop = False
+    budget_start = time.perf_counter()
+    with progress:
+        for epoch in range(step // steps_per_epoch, settings.optim.epochs):
+            model.train()
+            sums: dict[str, torch.Tensor] = {}
+            count = 0
+            batches = data.epoch(epoch, first_step=step)
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                t1 = time.perf_counter()
+                if run.time_budget_s:
+                    lr = schedule.set_progress((t1 - budget_start) / run.time_budget_s)
+                else:
+                    lr = schedule.set(step)
+                with autocast_for(device, run.precision):
+                    loss, logs = method.loss(model, batch)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"the loss is {loss.item()} at step {step} (epoch {epoch}, lr {lr:.4g}); last good "
+                        f"checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none yet'}. Lower optim.lr "
+                        "or check the data; resume with --resume after fixing the settings."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                step += 1
+                count += 1
+                for key, value in logs.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                t2 = time.perf_counter()
+                data_seconds += t1 - t0
+                train_seconds += t2 - t0
+                steps_this_session += 1
+                if step % run.log_every == 0 or step == last_stop:
+                    values = {k: round(float(v), 6) for k, v in logs.items()}
+                    speed = images_per_step * steps_this_session / max(train_seconds, 1e-9)
+                    record = {
+                        "step": step,
+                        "epoch": epoch,
+                        "lr": lr,
+                        **values,
+                        "images_per_s": round(speed, 1),
+                    }
+                    if step_log:
+                        step_log.write(record)
+                    progress.update(step, values, lr, speed)
+                budget_spent = (
+                    run.time_budget_s is not None and time.perf_counter() - budget_start >= run.time_budget_s
+                )
+                if step >= last_stop or budget_spent:
+                    stop = True
+                    break
+            last_epoch = {k: float(v) / max(count, 1) for k, v in sums.items()}
+            epoch_done = not stop or step % steps_per_epoch == 0
+            if main and count:
+                record = {"epoch": epoch, "step": step, "complete": epoch_done, **last_epoch}
+                epoch_log.write(record)
+                progress.epoch_summary(epoch, last_epoch)
+                state = _checkpoint_state(settings, model, optimizer, data, scaler, step, epoch, epoch_done)
+                save_checkpoint(checkpoint_path, state)
+                every = run.checkpoint_every
+                if every and epoch_done and (epoch + 1) % every == 0:
+                    save_checkpoint(run_dir / f"checkpoint-epoch{epoch + 1}.pt", state)
+            if stop:
+                break
+    for writer in (step_log, epoch_log):
+        if writer:
+            writer.close()
+    speed = images_per_step * steps_this_session / max(train_seconds, 1e-9)
+    return TrainResult(
+        run_dir=run_dir,
+        checkpoint=checkpoint_path,
+        steps=step,
+        train_seconds=train_seconds,
+        images_per_second=speed,
+        data_fraction=data_seconds / max(train_seconds, 1e-9),
+        last_epoch=last_epoch,
+    )
+
+
+def _checkpoint_state(
+    settings: Settings,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: TrainData,
+    scaler: torch.amp.GradScaler | None,
+    step: int,
+    epoch: int,
+    epoch_done: bool,
+) -> dict[str, Any]:
+    return {
+        "method": settings.method,
+        "settings": settings.model_dump(mode="json"),
+        "model": getattr(model, "module", model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "data": data.state_dict(),
+        "labelled": data.labelled.clone(),
+        "rng": {"torch": torch.get_rng_state()},
+        "step": step,
+        "epoch": epoch,
+        "epoch_complete": epoch_done,
+    }
+
+
+#: Settings that may differ on resume (everything else must match the checkpoint's).
+RESUMABLE_CHANGES = ("run.", "eval.")
+
+
+def _resume(
+    path: Path,
+    settings: Settings,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: TrainData,
+    scaler: torch.amp.GradScaler | None,
+) -> int:
+    """Restore everything from `path`; return the step to continue from."""
+    state = load_checkpoint(path)
+    saved = Settings.model_validate(state["settings"]).model_dump(mode="json")
+    now = settings.model_dump(mode="json")
+    changed = [
+        key
+        for key in _flat_keys(now)
+        if not key.startswith(RESUMABLE_CHANGES) and _lookup(saved, key) != _lookup(now, key)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"cannot resume from {path}: these settings differ from the checkpoint's: {', '.join(changed)}. "
+            "Resume with the run's resolved_config.yaml as --recipe, or start a new run."
+        )
+    if not torch.equal(state["labelled"], data.labelled):
+        raise CheckpointError(f"cannot resume from {path}: the labelled subset differs from the checkpoint's")
+    load_state_strict(getattr(model, "module", model), state["model"], str(path))
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    data.load_state_dict(state["data"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return int(state["step"])
+
+
+def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys.extend(_flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])
+    return keys
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def is_finite(value: float) -> bool:
+    return math.isfinite(value)
