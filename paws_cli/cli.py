@@ -37,7 +37,7 @@ app = typer.Typer(
 )
 recipes_app = typer.Typer(help="List and show the named recipes in recipes/.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
-console = Console()
+console = Console(soft_wrap=True)  # long lines stay whole in logs and pipes
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])

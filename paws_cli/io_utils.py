@@ -13,7 +13,15 @@ from pathlib import Path
 
 
 def _current_umask() -> int:
-    # The only portable way to read the umask is to set it and put it back.
+    # Linux reports it without side effects; elsewhere the only way is to set it and put it back
+    # (briefly process-wide, hence the /proc route first).
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

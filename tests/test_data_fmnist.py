@@ -21,7 +21,7 @@ from paws_cli.data.arrays import (
     write_array_dataset,
 )
 from paws_cli.data.fmnist import CLASS_NAMES, find_fashion_mnist, load_fashion_mnist, read_idx
-from paws_cli.io_utils import atomic_path, atomic_write_bytes, atomic_write_text
+from paws_cli.io_utils import _current_umask, atomic_path, atomic_write_bytes, atomic_write_text
 
 # Independent writer: type code and big-endian format character per numpy dtype.
 _CODES = {np.dtype(np.uint8): (0x08, "B"), np.dtype(np.int16): (0x0B, "h"), np.dtype(np.int32): (0x0C, "i"),
@@ -75,6 +75,8 @@ def test_atomic_write_replaces_content(tmp_path):
     assert target.read_text() == "two"
     atomic_write_bytes(target, b"\x00\x01")
     assert target.read_bytes() == b"\x00\x01"
+    # Not mkstemp's private 0600: the permissions an ordinary open() would give.
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_current_umask()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
 
 

@@ -124,7 +124,9 @@ class SupportSettings(Section):
 class OptimSettings(Section):
     optimizer: Literal["lars", "sgd"] = Field("lars", description="LARS (over SGD+momentum) or plain SGD.")
     batch_size: int = Field(64, ge=1, description="Unlabelled images per process and step.")
-    epochs: int = Field(100, ge=1, description="Training epochs (passes over the unlabelled set).")
+    epochs: float = Field(
+        100, gt=0, description="Training epochs (passes over the unlabelled set); fractions end mid-epoch."
+    )
     lr: float = Field(6.4, gt=0, description="Peak learning rate, absolute for the recipe's global batch.")
     start_lr: float = Field(0.3, ge=0, description="Learning rate at the first warm-up step.")
     final_lr: float = Field(0.064, ge=0, description="Learning rate reached by the cosine at the last step.")

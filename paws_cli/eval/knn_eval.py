@@ -17,7 +17,7 @@ from torch import Tensor
 from paws_cli.config import Settings
 from paws_cli.data.arrays import ArrayDataset
 from paws_cli.data.augment import eval_transform
-from paws_cli.data.pipeline import as_nchw, load_dataset
+from paws_cli.data.pipeline import as_nchw, image_channels, load_dataset
 from paws_cli.eval.neighbours import embed_batches, knn_predict, soft_nn_predict, topk_accuracy
 from paws_cli.methods import create_method
 from paws_cli.methods.base import encoder_of
@@ -52,7 +52,7 @@ def rebuild_model(
     state: dict[str, Any], settings: Settings, dataset: ArrayDataset, source: str
 ) -> torch.nn.Module:
     """The trained model of a checkpoint, weights loaded strictly."""
-    method = create_method(settings, in_chans=dataset.image_shape[0], num_classes=dataset.num_classes)
+    method = create_method(settings, in_chans=image_channels(dataset), num_classes=dataset.num_classes)
     model = method.build_model()
     load_state_strict(model, state["model"], source)
     return model.eval()

@@ -103,7 +103,9 @@ class PAWSEncoder(nn.Module):
             zs.append(z)
         if len(hs) == 1:
             return hs[0], zs[0]
-        return torch.cat(hs, dim=0), torch.cat(zs, dim=0)
+        h = torch.cat(hs, dim=0)
+        # Without a prediction head z is h: return the same tensor instead of concatenating twice.
+        return h, (h if self.prediction is None else torch.cat(zs, dim=0))
 
     def embed(self, x: Tensor, which: EmbedWhich = "prediction") -> Tensor:
         """Embeddings of one batch for evaluation (call under ``torch.no_grad()`` and ``.eval()``).

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from paws_cli import distributed as dist
 from paws_cli.config import Settings
-from paws_cli.data.pipeline import TrainData, describe_dataset, labelled_indices, load_dataset
+from paws_cli.data.pipeline import TrainData, describe_dataset, image_channels, labelled_indices, load_dataset
 from paws_cli.data.splits import write_split
 from paws_cli.methods import create_method
 from paws_cli.optim import StepSchedule, create_optimizer
@@ -105,7 +105,7 @@ def train(
     run_dir = prepare_run_dir(run_dir_of(settings, default_name), resume=resume, overwrite=overwrite)
     dataset = load_dataset(settings.data)
     labelled, split_description = labelled_indices(settings.data, dataset)
-    method = create_method(settings, in_chans=dataset.image_shape[0], num_classes=dataset.num_classes)
+    method = create_method(settings, in_chans=image_channels(dataset), num_classes=dataset.num_classes)
     model = method.build_model().to(device)
     if settings.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -121,7 +121,7 @@ def train(
     )
     optimizer = create_optimizer(model, settings.optim)
     steps_per_epoch = data.steps_per_epoch
-    total_steps = settings.optim.epochs * steps_per_epoch
+    total_steps = max(round(settings.optim.epochs * steps_per_epoch), 1)
     schedule = StepSchedule(optimizer, settings.optim, total_steps, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" and device.type == "cuda" else None
 
@@ -138,7 +138,7 @@ def train(
         )
         console.print(f"[bold]paws {settings.method}[/] -> {run_dir}")
         console.print(f"data: {describe_dataset(dataset)}; labelled: {split_description}")
-        console.print(f"support: {data.supports.describe()}")
+        console.print(data.supports.describe())
         for line in describe_globals(settings, data, world, total_steps):
             console.print(f"  {line}")
         if world != settings.world_size:
@@ -161,7 +161,7 @@ def train(
     stop = False
     budget_start = time.perf_counter()
     with progress:
-        for epoch in range(step // steps_per_epoch, settings.optim.epochs):
+        for epoch in range(step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
             model.train()
             sums: dict[str, torch.Tensor] = {}
             count = 0
@@ -320,7 +320,3 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         tree = tree.get(part, {}) if isinstance(tree, dict) else {}
     return tree
-
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny real-format dataset that every end-to-end test can train on in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from paws_cli.data.arrays import write_array_dataset
+
+
+def _class_images(rng: np.random.Generator, label: int, count: int, size: int = 16) -> np.ndarray:
+    """Gray images whose class is a stripe orientation/position pattern plus noise (learnable, not trivial)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    patterns = [(xx // 3) % 2, (yy // 3) % 2, ((xx + yy) // 3) % 2, (np.abs(xx - yy) < 4).astype(int)]
+    base = patterns[label % len(patterns)] * 170 + 40
+    noise = rng.normal(0, 30, size=(count, size, size))
+    shift = rng.integers(-2, 3, size=count)
+    images = np.stack([np.roll(base, s, axis=1) for s in shift]) + noise
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 classes, 64 train + 16 test images per class, 16x16 gray, in the toolkit's array format."""
+    rng = np.random.default_rng(0)
+    out = tmp_path_factory.mktemp("tiny") / "dataset"
+    splits = {}
+    for split, per_class in (("train", 64), ("test", 16)):
+        images = np.concatenate([_class_images(rng, c, per_class) for c in range(4)])
+        labels = np.repeat(np.arange(4), per_class).astype(np.int64)
+        order = rng.permutation(len(labels))
+        splits[split] = (images[order], labels[order])
+    write_array_dataset(out, "tiny-stripes", splits["train"], splits["test"], ["a", "b", "c", "d"], "tests")
+    return out
+
+
+@pytest.fixture()
+def tiny_overrides(tiny_dataset: Path, tmp_path: Path) -> list[str]:
+    """Overrides on top of the fmnist_demo recipe that train on the tiny dataset: 16 steps per epoch."""
+    return [
+        "data.dataset=array",
+        f"data.path={tiny_dataset}",
+        "data.labels_per_class=4",
+        "augment.large_size=16",
+        "augment.small_size=8",
+        "augment.num_small=2",
+        "support.classes_per_batch=4",
+        "support.images_per_class=2",
+        "optim.batch_size=16",
+        "optim.epochs=2",
+        "optim.warmup_epochs=0.5",
+        "model.proj_hidden_dim=32",
+        "model.proj_out_dim=16",
+        f"run.out_dir={tmp_path / 'runs'}",
+        "run.name=tiny",
+        "run.progress=false",
+        "run.log_every=4",
+    ]
