@@ -65,13 +65,13 @@ def run_demo(recipe: str, overrides: Sequence[str], console: Console) -> dict[st
             sup_eval.classifier_top5,
             supervised.train_seconds,
         ),
-        ("raw-pixel soft-NN (same labels)", raw[1], raw[5], 0.0),
+        ("raw-pixel soft-NN (same labels)", raw[1], raw[5], None),
     ]
     table = Table(title=f"{dataset.name}: top-1 on the {paws_eval.queries}-image test set, {labelled} labels")
     for col in ("method", "top-1 %", "top-5 %", "train s"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for label, top1, top5, seconds in rows:
-        table.add_row(label, f"{top1:.2f}", f"{top5:.2f}", f"{seconds:.0f}")
+        table.add_row(label, f"{top1:.2f}", f"{top5:.2f}", "-" if seconds is None else f"{seconds:.0f}")
     console.print(table)
     total = time.perf_counter() - started
     margin_sup = paws_eval.paws_nn_top1 - (sup_eval.classifier_top1 or 0.0)

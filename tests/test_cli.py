@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from paws_cli.cli import app
+
+pytestmark = pytest.mark.slow  # end-to-end training runs (seconds each); make test runs them
 
 runner = CliRunner()
 
@@ -27,7 +30,7 @@ def test_pretrain_then_knn_eval(tiny_overrides: list[str], tmp_path: Path) -> No
     assert checkpoint.is_file()
     code, out = _run("knn-eval", str(checkpoint), "eval.knn_k=5")
     assert code == 0, out
-    assert "PAWS-NN" in out and "16 train images" in out
+    assert "PAWS-NN" in out and "4 per class, seed 0 (16 labelled images)" in out
     results = json.loads((checkpoint.parent / "knn_eval.json").read_text())
     assert results["bank_size"] == 16 and results["queries"] == 64 and results["knn_k"] == 5
     assert results["embedding"] == "projection"  # the demo recipe has no prediction head

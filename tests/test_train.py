@@ -15,6 +15,8 @@ from paws_cli.train.checkpoint import CheckpointError, load_checkpoint, load_sta
 from paws_cli.train.loop import train
 from paws_cli.train.rundir import RunDirError
 
+pytestmark = pytest.mark.slow  # end-to-end training runs (seconds each); make test runs them
+
 QUIET = Console(quiet=True)
 
 
@@ -72,9 +74,10 @@ def test_paws_learns_on_tiny_data(tiny_overrides: list[str]) -> None:
     result = train(settings, console=QUIET)
     state = load_checkpoint(result.checkpoint)
     evaluation = evaluate_checkpoint(state, settings, str(result.checkpoint))
-    assert evaluation.paws_nn_top1 > 40.0
+    assert evaluation.paws_nn_top1 > 60.0
     epochs = [json.loads(line) for line in (result.run_dir / "epochs.jsonl").read_text().splitlines()]
-    assert epochs[-1]["target_confidence"] > 0.4  # well above uniform (1/4): no collapse
+    assert epochs[-1]["target_confidence"] > 0.6  # well above uniform (1/4): no collapse
+    assert epochs[-1]["support_accuracy"] > 0.5
 
 
 def test_run_dir_policy(tiny_overrides: list[str]) -> None:

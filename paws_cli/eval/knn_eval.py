@@ -100,7 +100,7 @@ def evaluate_checkpoint(state: dict[str, Any], settings: Settings, source: str) 
         checkpoint=source,
         method=settings.method,
         dataset=dataset.name,
-        bank=f"labelled subset of the run's split ({len(labelled)} train images)",
+        bank=f"the run's labelled subset: {state.get('labelled_source', f'{len(labelled)} train images')}",
         bank_size=len(labelled),
         queries=len(targets),
         embedding=which,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,8 @@ def train(
     device = resolve_device(run.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_flush_denormal(True)  # tiny weights late in training otherwise slow CPU kernels down
     torch.manual_seed(run.seed)
 
     # --- data, model, optimiser ---
@@ -150,9 +153,14 @@ def train(
     # --- training ---
     step_log = JsonlWriter(run_dir / "metrics.jsonl") if main else None
     epoch_log = JsonlWriter(run_dir / "epochs.jsonl") if main else None
-    last_stop = step + run.max_steps if run.max_steps else total_steps
+    # A time-budgeted run trains until its budget is spent (its schedule follows elapsed time), not for epochs.
+    unbounded = run.time_budget_s is not None
+    last_stop = step + run.max_steps if run.max_steps else (sys.maxsize if unbounded else total_steps)
     progress = TrainProgress(
-        console, total=min(total_steps, last_stop), start=step, enabled=main and run.progress
+        console,
+        total=None if unbounded else min(total_steps, last_stop),
+        start=step,
+        enabled=main and run.progress,
     )
     images_per_step = settings.optim.batch_size * world
     train_seconds = data_seconds = 0.0
@@ -161,7 +169,8 @@ def train(
     stop = False
     budget_start = time.perf_counter()
     with progress:
-        for epoch in range(step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
+        last_epoch_index = sys.maxsize if unbounded else math.ceil(total_steps / steps_per_epoch)
+        for epoch in range(step // steps_per_epoch, last_epoch_index):
             model.train()
             sums: dict[str, torch.Tensor] = {}
             count = 0
@@ -226,6 +235,7 @@ def train(
                 epoch_log.write(record)
                 progress.epoch_summary(epoch, last_epoch)
                 state = _checkpoint_state(settings, model, optimizer, data, scaler, step, epoch, epoch_done)
+                state["labelled_source"] = split_description
                 save_checkpoint(checkpoint_path, state)
                 every = run.checkpoint_every
                 if every and epoch_done and (epoch + 1) % every == 0:

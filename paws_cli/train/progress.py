@@ -18,7 +18,7 @@ from rich.progress import (
 class TrainProgress:
     """Context manager around rich.Progress; a no-op when disabled (other ranks, --no-progress)."""
 
-    def __init__(self, console: Console, total: int, start: int, enabled: bool = True) -> None:
+    def __init__(self, console: Console, total: int | None, start: int, enabled: bool = True) -> None:
         self.console = console
         self.enabled = enabled
         self._progress = Progress(
