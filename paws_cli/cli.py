@@ -104,6 +104,17 @@ def pretrain(
     if print_config:
         console.print(settings_to_yaml(settings), end="", highlight=False, markup=False)
         return
+    if settings.run.launcher == "slurm":
+        from paws_cli.launch.slurm import submit_pretrain
+
+        submit_pretrain(
+            settings,
+            resume=resume,
+            overwrite=overwrite,
+            console=console,
+            default_name=_default_name(recipe, settings),
+        )
+        return
     from paws_cli.train.loop import train
 
     result = train(
@@ -170,15 +181,36 @@ def print_knn_table(result: Any) -> None:
 @app.command()
 @user_errors
 def finetune(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint to fine-tune.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A paws checkpoint or an authors' released PAWS .pth.tar.")
+    ],
     overrides: OverridesArg = None,
     recipe: RecipeOption = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted fine-tuning run.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start again in an existing run directory.")] = False,
 ) -> None:
-    """Fine-tune a pretrained checkpoint on the labelled subset (not implemented yet)."""
-    err_console.print(
-        "[bold red]error:[/] `paws finetune` is not implemented yet; use `paws knn-eval` for now."
-    )
-    raise typer.Exit(2)
+    """Fine-tune (SimCLRv2 protocol) or linear-probe a pretrained checkpoint on the labelled subset."""
+    from paws_cli.finetune.command import finetune_command
+
+    finetune_command(checkpoint, recipe, overrides or [], console=console, resume=resume, overwrite=overwrite)
+
+
+@app.command()
+@user_errors
+def export(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A paws checkpoint or an authors' released PAWS .pth.tar.")
+    ],
+    out: Annotated[Path, typer.Argument(help="Output weights file.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="safetensors or timm (a torch state_dict file).")
+    ] = "safetensors",
+    with_projection: Annotated[bool, typer.Option(help="Also export the first projection layer.")] = False,
+) -> None:
+    """Export the backbone with timm key names, loadable by timm.create_model(..., checkpoint_path=OUT)."""
+    from paws_cli.export import export_command
+
+    export_command(checkpoint, out, fmt=fmt, with_projection=with_projection, console=console)
 
 
 @app.command("convert-dataset")

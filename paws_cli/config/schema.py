@@ -102,6 +102,12 @@ class ModelSettings(Section):
         512, ge=1, description="Prediction head hidden width (D/4 on ImageNet); null disables the head."
     )
     channels_last: bool = Field(False, description="Use channels_last memory format (faster convs on GPUs).")
+    compile: bool = Field(
+        False, description="torch.compile the backbone (first steps are slow while compiling)."
+    )
+    sync_batchnorm: bool = Field(
+        True, description="Synchronise BatchNorm statistics across processes when training with several."
+    )
 
 
 class LossSettings(Section):
@@ -166,6 +172,70 @@ class RunSettings(Section):
         "(used to give baselines the same budget as PAWS). Not deterministic.",
     )
     progress: bool = Field(True, description="Show the rich progress bar.")
+    launcher: Literal["local", "slurm"] = Field(
+        "local",
+        description="'local': this process (or torchrun's processes); 'slurm': submit through submitit (slurm.*).",
+    )
+    dist_backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend; auto = NCCL on CUDA, gloo on the CPU."
+    )
+
+
+class SlurmSettings(Section):
+    cluster: Literal["slurm", "local"] = Field(
+        "slurm",
+        description="submitit executor: 'slurm', or 'local' to run the same job on this machine (tests).",
+    )
+    nodes: int = Field(1, ge=1, description="Nodes to allocate.")
+    gpus_per_node: int = Field(
+        8, ge=0, description="GPUs (= processes) per node; 0 runs one CPU process per node."
+    )
+    cpus_per_task: int = Field(10, ge=1, description="CPU cores per process (data loading workers).")
+    mem_gb: int = Field(0, ge=0, description="Memory per node in GB (0 = the partition's default).")
+    partition: str | None = Field(None, description="SLURM partition.")
+    account: str | None = Field(None, description="SLURM account.")
+    qos: str | None = Field(None, description="SLURM quality of service.")
+    constraint: str | None = Field(None, description="SLURM constraint, e.g. volta32gb.")
+    time_min: int = Field(
+        4320, ge=1, description="Time limit per job in minutes; the job requeues itself on time-out."
+    )
+    max_requeues: int = Field(
+        20, ge=0, description="How many times a preempted or timed-out job is requeued."
+    )
+    folder: str | None = Field(None, description="submitit log folder; None = <run dir>/slurm.")
+
+
+class FinetuneSettings(Section):
+    mode: Literal["full", "linear"] = Field(
+        "full",
+        description="'full' fine-tunes the whole network (SimCLRv2 protocol); 'linear' freezes the backbone.",
+    )
+    epochs: float = Field(50, gt=0, description="Fine-tuning epochs over the labelled subset.")
+    batch_size: int = Field(
+        16, ge=1, description="Labelled images per process and step (global 1024 on ImageNet)."
+    )
+    lr: float = Field(0.02, gt=0, description="Peak learning rate (cosine to 0, no warm-up).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov).")
+    nesterov: bool = Field(True, description="Nesterov momentum.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (0 in the protocol).")
+    keep_projection_layers: int = Field(
+        1,
+        ge=0,
+        le=1,
+        description="Projection layers kept under the classifier (1: Linear+BN+ReLU, as SimCLRv2).",
+    )
+    crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="RandomResizedCrop area range of the fine-tuning augmentation (plus flip)."
+    )
+    val_split: str | None = Field(
+        None,
+        description="Held-out split for model selection (ImageNet: val.txt). None holds out "
+        "finetune.val_per_class labelled images per class instead; never the test set.",
+    )
+    val_per_class: int = Field(
+        2, ge=1, description="Labelled images per class held out for selection when no val_split."
+    )
+    eval_every: int = Field(1, ge=1, description="Evaluate on the held-out set every N epochs.")
 
 
 class EvalSettings(Section):
@@ -195,3 +265,5 @@ class Settings(Section):
     optim: OptimSettings = OptimSettings()
     run: RunSettings = RunSettings()
     eval: EvalSettings = EvalSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+    slurm: SlurmSettings = SlurmSettings()
