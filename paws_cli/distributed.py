@@ -16,14 +16,17 @@ def is_distributed() -> bool:
 
 
 def world_size() -> int:
+    """Processes in the group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:
+    """This process's global rank (0 without a group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def is_main_process() -> bool:
+    """Rank 0, the process that writes files and logs."""
     return rank() == 0
 
 
@@ -85,3 +88,38 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of `x` over processes (identity gradient, see _MeanWithIdentityGrad)."""
     return _MeanWithIdentityGrad.apply(x) if is_distributed() else x
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo is given CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def mean_over_processes(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Every logged scalar averaged over processes, in one collective (plain floats out).
+
+    Every process must call it at the same point with the same keys.
+    """
+    if not values:
+        return {}
+    if not is_distributed():
+        return {key: float(value) for key, value in values.items()}
+    device = _collective_device()
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values.values()])
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    return dict(zip(values, (stacked / dist.get_world_size()).tolist(), strict=True))
+
+
+@torch.no_grad()
+def max_over_processes(values: list[torch.Tensor | float]) -> list[float]:
+    """The element-wise maximum over processes, in one collective: what every process must decide alike
+    (stop now? is any loss non-finite?) is decided on the same numbers."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    device = _collective_device()
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
+    dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
+    return stacked.tolist()

@@ -1,0 +1,1 @@
+"""Launchers that run `paws pretrain` somewhere other than this process (SLURM through submitit)."""
