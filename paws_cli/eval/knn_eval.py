@@ -1,26 +1,34 @@
 """`paws knn-eval`: PAWS-NN (soft nearest neighbour) and classic k-NN of a checkpoint's embeddings.
 
-The bank is the labelled subset the run trained with (stored in the checkpoint), embedded with the evaluation
-transform, one view, eval mode; queries are the dataset's test split.
+The bank is the labelled subset the run trained with (stored in the checkpoint; for a released suncet checkpoint,
+the subset the given data settings describe), embedded with the evaluation transform, one view, eval mode;
+queries are the dataset's test split. Checkpoints are read by `paws_cli.checkpoints.load_pretrained`.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.table import Table
 from torch import Tensor
 
+from paws_cli.checkpoints import PretrainedWeights, load_pretrained, resolve_settings
 from paws_cli.config import Settings
 from paws_cli.data.arrays import ArrayDataset
 from paws_cli.data.augment import eval_transform
-from paws_cli.data.pipeline import as_nchw, image_channels, load_dataset
+from paws_cli.data.pipeline import as_nchw, image_channels, labelled_indices, load_dataset
 from paws_cli.eval.neighbours import embed_batches, knn_predict, soft_nn_predict, topk_accuracy
+from paws_cli.io_utils import atomic_write_text
 from paws_cli.methods import create_method
 from paws_cli.methods.base import encoder_of
+from paws_cli.methods.paws import PAWSModel
 from paws_cli.train.checkpoint import load_state_strict
 
 
@@ -63,6 +71,7 @@ def _normalised(images: np.ndarray, dataset: ArrayDataset) -> Tensor:
 
 
 def evaluate_checkpoint(state: dict[str, Any], settings: Settings, source: str) -> KnnResult:
+    """Evaluate a toolkit checkpoint's state (as read by ``load_checkpoint``) with its own labelled bank."""
     dataset = load_dataset(settings.data)
     labelled = state["labelled"].numpy()
     if labelled.max() >= len(dataset.train_labels):
@@ -71,6 +80,45 @@ def evaluate_checkpoint(state: dict[str, Any], settings: Settings, source: str) 
             f"{len(dataset.train_labels)} train images: it was trained on another dataset (check data.*)"
         )
     model = rebuild_model(state, settings, dataset, source)
+    bank = f"the run's labelled subset: {state.get('labelled_source', f'{len(labelled)} train images')}"
+    return _evaluate(model, settings, dataset, labelled, bank, source)
+
+
+def evaluate_pretrained(weights: PretrainedWeights, settings: Settings) -> KnnResult:
+    """Evaluate any checkpoint read by ``load_pretrained``.
+
+    A toolkit checkpoint is banked on its own labelled subset; a released suncet checkpoint (no subset stored)
+    on the labelled subset that ``settings.data`` describes. A supervised baseline's classifier is scored too.
+    """
+    source = str(weights.path)
+    if weights.kind == "paws" and weights.meta.get("labelled") is not None:
+        state = {
+            "model": {**{f"encoder.{k}": v for k, v in weights.encoder_state.items()}, **weights.extra_state},
+            "labelled": weights.meta["labelled"],
+            "labelled_source": weights.meta.get("labelled_source") or "stored in the checkpoint",
+        }
+        return evaluate_checkpoint(state, settings, source)
+    dataset = load_dataset(settings.data)
+    if image_channels(dataset) != weights.architecture.in_chans:
+        raise ValueError(
+            f"{source} expects {weights.architecture.in_chans}-channel images but {dataset.name} has "
+            f"{image_channels(dataset)}; evaluate it on the data it was trained for (check data.*)"
+        )
+    labelled, description = labelled_indices(settings.data, dataset)
+    model = PAWSModel(weights.build_encoder()).eval()
+    return _evaluate(
+        model, settings, dataset, labelled, f"labelled subset from the settings: {description}", source
+    )
+
+
+def _evaluate(
+    model: torch.nn.Module,
+    settings: Settings,
+    dataset: ArrayDataset,
+    labelled: np.ndarray,
+    bank_description: str,
+    source: str,
+) -> KnnResult:
     encoder = encoder_of(model)
     which = settings.eval.embedding
     if which == "auto":
@@ -100,7 +148,7 @@ def evaluate_checkpoint(state: dict[str, Any], settings: Settings, source: str) 
         checkpoint=source,
         method=settings.method,
         dataset=dataset.name,
-        bank=f"the run's labelled subset: {state.get('labelled_source', f'{len(labelled)} train images')}",
+        bank=bank_description,
         bank_size=len(labelled),
         queries=len(targets),
         embedding=which,
@@ -131,4 +179,57 @@ def raw_pixel_soft_nn(dataset: ArrayDataset, labelled: np.ndarray, tau: float = 
 
 
 def results_path(checkpoint: Path) -> Path:
+    """Default results file: knn_eval.json beside the checkpoint."""
     return checkpoint.parent / "knn_eval.json"
+
+
+def knn_table(result: KnnResult) -> Table:
+    """PAWS-NN, k-NN (and the supervised baseline's classifier) top-1/top-5 as a rich table."""
+    table = Table(title=f"knn-eval of {result.checkpoint}")
+    for col in ("classifier", "top-1 %", "top-5 %"):
+        table.add_column(col, justify="right" if col != "classifier" else "left")
+    table.add_row(
+        f"PAWS-NN (soft NN, tau {result.soft_nn_tau})",
+        f"{result.paws_nn_top1:.2f}",
+        f"{result.paws_nn_top5:.2f}",
+    )
+    table.add_row(
+        f"k-NN (k {result.knn_k}, T {result.knn_temperature})",
+        f"{result.knn_top1:.2f}",
+        f"{result.knn_top5:.2f}",
+    )
+    if result.classifier_top1 is not None:
+        table.add_row(
+            "linear classifier (supervised)", f"{result.classifier_top1:.2f}", f"{result.classifier_top5:.2f}"
+        )
+    return table
+
+
+def knn_eval_command(
+    checkpoint: Path,
+    recipe: str | None,
+    overrides: Sequence[str],
+    *,
+    output: Path | None,
+    console: Console,
+    environ: Mapping[str, str] | None = None,
+) -> KnnResult:
+    """`paws knn-eval CHECKPOINT [--recipe R] [key=value ...]` for toolkit and released suncet checkpoints.
+
+    Settings: the checkpoint's < recipe < environment < overrides (architecture from the checkpoint). A released
+    checkpoint carries no settings: the data must come from --recipe or data.* overrides.
+    """
+    weights = load_pretrained(checkpoint)
+    settings, notes = resolve_settings(weights, recipe, overrides, environ=environ)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    result = evaluate_pretrained(weights, settings)
+    console.print(
+        f"dataset {result.dataset}; bank: {result.bank}; queries: {result.queries} test images; "
+        f"embedding: {result.embedding} ({result.embedding_dim}-d)"
+    )
+    console.print(knn_table(result))
+    out = output or results_path(checkpoint)
+    atomic_write_text(out, json.dumps(result.as_dict(), indent=2) + "\n")
+    console.print(f"results: {out}")
+    return result
