@@ -124,58 +124,30 @@ def pretrain(
         console=console,
         default_name=_default_name(recipe, settings),
     )
-    console.print(
-        f"done: {result.steps} steps in {result.train_seconds:.1f} s ({result.images_per_second:.0f} unlabelled "
-        f"img/s, data wait {100 * result.data_fraction:.1f}%); checkpoint {result.checkpoint}"
-    )
+    if result.is_main:
+        console.print(
+            f"done: {result.steps} steps in {result.train_seconds:.1f} s ({result.images_per_second:.0f} unlabelled "
+            f"img/s, data wait {100 * result.data_fraction:.1f}%); checkpoint {result.checkpoint}"
+        )
 
 
 @app.command("knn-eval")
 @user_errors
 def knn_eval(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt written by `paws pretrain`.")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="A checkpoint.pt written by `paws pretrain`, or a released suncet checkpoint."),
+    ],
     overrides: OverridesArg = None,
+    recipe: RecipeOption = None,
     output: Annotated[
         Path | None, typer.Option(help="Results JSON (default: knn_eval.json beside the checkpoint).")
     ] = None,
 ) -> None:
     """PAWS-NN (soft nearest neighbour) and k-NN top-1/top-5 on the test set, banked on the run's labelled subset."""
-    from paws_cli.eval.knn_eval import evaluate_checkpoint, results_path
-    from paws_cli.io_utils import atomic_write_text
-    from paws_cli.train.checkpoint import load_checkpoint
+    from paws_cli.eval.knn_eval import knn_eval_command
 
-    state = load_checkpoint(checkpoint)
-    settings = load_settings(base=state["settings"], overrides=overrides or [])
-    result = evaluate_checkpoint(state, settings, str(checkpoint))
-    print_knn_table(result)
-    out = output or results_path(checkpoint)
-    atomic_write_text(out, json.dumps(result.as_dict(), indent=2) + "\n")
-    console.print(f"results: {out}")
-
-
-def print_knn_table(result: Any) -> None:
-    console.print(
-        f"dataset {result.dataset}; bank: {result.bank}; queries: {result.queries} test images; "
-        f"embedding: {result.embedding} ({result.embedding_dim}-d)"
-    )
-    table = Table(title=f"knn-eval of {result.checkpoint}")
-    for col in ("classifier", "top-1 %", "top-5 %"):
-        table.add_column(col, justify="right" if col != "classifier" else "left")
-    table.add_row(
-        f"PAWS-NN (soft NN, tau {result.soft_nn_tau})",
-        f"{result.paws_nn_top1:.2f}",
-        f"{result.paws_nn_top5:.2f}",
-    )
-    table.add_row(
-        f"k-NN (k {result.knn_k}, T {result.knn_temperature})",
-        f"{result.knn_top1:.2f}",
-        f"{result.knn_top5:.2f}",
-    )
-    if result.classifier_top1 is not None:
-        table.add_row(
-            "linear classifier (supervised)", f"{result.classifier_top1:.2f}", f"{result.classifier_top5:.2f}"
-        )
-    console.print(table)
+    knn_eval_command(checkpoint, recipe, overrides or [], output=output, console=console)
 
 
 @app.command()

@@ -2,6 +2,11 @@
 
 The learning rate is computed per step from the step counter alone; resume is one call (`_resume`) that
 restores model, optimiser, samplers, RNG and the step counter.
+
+Several processes (torchrun, SLURM): `train` joins the process group itself (`init_distributed`), rank 0
+prepares the run directory and the dataset cache before the others start, the model is wrapped in DDP with
+SyncBatchNorm, logged values are averaged over processes, and only rank 0 writes files or prints. Decisions
+every process must take alike (a non-finite loss, a spent time budget) are taken on all-reduced numbers.
 """
 
 from __future__ import annotations
@@ -17,13 +22,21 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from paws_cli import distributed as dist
 from paws_cli.config import Settings
 from paws_cli.data.pipeline import TrainData, describe_dataset, image_channels, labelled_indices, load_dataset
 from paws_cli.data.splits import write_split
+from paws_cli.distributed import max_over_processes, mean_over_processes
 from paws_cli.methods import create_method
 from paws_cli.optim import StepSchedule, create_optimizer
 from paws_cli.train.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from paws_cli.train.distributed_setup import (
+    DistContext,
+    barrier,
+    init_distributed,
+    main_first,
+    resolve_device,
+    wrap_model,
+)
 from paws_cli.train.progress import TrainProgress
 from paws_cli.train.rundir import CHECKPOINT, JsonlWriter, prepare_run_dir, run_dir_of, write_resolved_config
 
@@ -34,6 +47,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """What a finished `train` call reports (on every process; only rank 0 wrote the files)."""
+
     run_dir: Path
     checkpoint: Path
     steps: int
@@ -41,14 +56,20 @@ class TrainResult:
     images_per_second: float
     data_fraction: float
     last_epoch: dict[str, float] = field(default_factory=dict)
+    world_size: int = 1
+    is_main: bool = True
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device=cuda but no CUDA device is available; use run.device=cpu or auto")
-    return torch.device(name)
+__all__ = [
+    "NonFiniteLossError",
+    "TrainResult",
+    "autocast_for",
+    "backward_and_step",
+    "describe_globals",
+    "make_grad_scaler",
+    "resolve_device",
+    "train",
+]
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -61,6 +82,41 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """A loss scaler for fp16 on CUDA (bf16 has fp32's range and needs none); None otherwise."""
+    return torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+
+
+def backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Gradients of `loss` and one optimiser step; with a scaler the gradients are unscaled before the step
+    (LARS reads their norms) and steps with inf/NaN gradients are skipped while the scale shrinks."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def describe_compute(settings: Settings, ctx: DistContext) -> str:
+    """Device, processes and the speed switches, as the first lines of a run show them."""
+    m, run = settings.model, settings.run
+    parts = [ctx.describe() if ctx.world_size > 1 else f"device {ctx.device}"]
+    if ctx.world_size > 1:
+        sync = m.sync_batchnorm and ctx.device.type != "cpu"
+        parts.append("DDP, SyncBatchNorm" if sync else "DDP, per-process BatchNorm")
+    parts.append("fp32" if run.precision == "fp32" else f"{run.precision} autocast (loss in fp32)")
+    if run.precision == "fp16" and ctx.device.type == "cuda":
+        parts.append("grad scaler")
+    parts.append("channels_last" if m.channels_last else "contiguous NCHW")
+    parts.append("torch.compile(backbone)" if m.compile else "eager")
+    return ", ".join(parts)
+
+
 def describe_globals(settings: Settings, data: TrainData, world: int, total_steps: int) -> list[str]:
     """The resolved global numbers a user checks before spending GPU-hours."""
     o, s, a = settings.optim, settings.support, settings.augment
@@ -71,9 +127,11 @@ def describe_globals(settings: Settings, data: TrainData, world: int, total_step
         + (f" + {a.num_small}x{a.small_size}px" if a.num_small else ""),
     ]
     if settings.method == "paws" or settings.method == "supervised":
-        classes = s.classes_per_batch * (world if s.unique_classes_per_rank else 1)
+        unique = s.unique_classes_per_rank
+        classes = s.classes_per_batch * (world if unique else 1)
+        images = s.images_per_class * (1 if unique else world)
         lines.append(
-            f"global support: {classes} classes x {s.images_per_class} images x {a.support_views} view(s) = "
+            f"global support: {classes} classes x {images} images x {a.support_views} view(s) = "
             f"{s.classes_per_batch * s.images_per_class * a.support_views * world} per step"
         )
     lines.append(
@@ -92,41 +150,48 @@ def train(
     console: Console | None = None,
     default_name: str = "run",
 ) -> TrainResult:
+    """Train `settings.method` in this process, or in each of torchrun's processes (one per GPU).
+
+    resume: continue the run in its directory from checkpoint.pt (on any number of processes that keeps the
+    global batch); overwrite: start again in an existing run directory.
+    """
     console = console or Console()
-    main = dist.is_main_process()
     run = settings.run
+    ctx = init_distributed(run)
+    main, world, device = ctx.is_main, ctx.world_size, ctx.device
     if run.num_threads:
         torch.set_num_threads(run.num_threads)
-    device = resolve_device(run.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     else:
         torch.set_flush_denormal(True)  # tiny weights late in training otherwise slow CPU kernels down
-    torch.manual_seed(run.seed)
+    torch.manual_seed(run.seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
 
     # --- data, model, optimiser ---
-    run_dir = prepare_run_dir(run_dir_of(settings, default_name), resume=resume, overwrite=overwrite)
-    dataset = load_dataset(settings.data)
+    # Rank 0 applies the run-directory policy and converts the dataset into the cache; the others wait for it.
+    path = run_dir_of(settings, default_name)
+    run_dir = main_first(ctx, lambda: prepare_run_dir(path, resume=resume, overwrite=overwrite), lambda: path)
+    dataset = main_first(ctx, lambda: load_dataset(settings.data))
     labelled, split_description = labelled_indices(settings.data, dataset)
     method = create_method(settings, in_chans=image_channels(dataset), num_classes=dataset.num_classes)
     model = method.build_model().to(device)
     if settings.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    world = dist.world_size()
+    model = wrap_model(model, ctx, settings.model)
     data = TrainData(
         settings,
         dataset,
         labelled,
         device=device,
         world_size=world,
-        rank=dist.rank(),
+        rank=ctx.rank,
         need_unlabelled=method.needs_unlabelled,
     )
-    optimizer = create_optimizer(model, settings.optim)
+    optimizer = create_optimizer(getattr(model, "module", model), settings.optim)
     steps_per_epoch = data.steps_per_epoch
     total_steps = max(round(settings.optim.epochs * steps_per_epoch), 1)
     schedule = StepSchedule(optimizer, settings.optim, total_steps, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" and device.type == "cuda" else None
+    scaler = make_grad_scaler(device, run.precision)
 
     step = 0
     checkpoint_path = run_dir / CHECKPOINT
@@ -140,6 +205,7 @@ def train(
             {"dataset": dataset.name, "source": split_description},
         )
         console.print(f"[bold]paws {settings.method}[/] -> {run_dir}")
+        console.print(f"compute: {describe_compute(settings, ctx)}")
         console.print(f"data: {describe_dataset(dataset)}; labelled: {split_description}")
         console.print(data.supports.describe())
         for line in describe_globals(settings, data, world, total_steps):
@@ -153,7 +219,7 @@ def train(
     # --- training ---
     step_log = JsonlWriter(run_dir / "metrics.jsonl") if main else None
     epoch_log = JsonlWriter(run_dir / "epochs.jsonl") if main else None
-    # A time-budgeted run trains until its budget is spent (its schedule follows elapsed time), not for epochs.
+    # A time-budgeted run trains until its budget is spent (its schedule follows elapsed time), not epochs.
     unbounded = run.time_budget_s is not None
     last_stop = step + run.max_steps if run.max_steps else (sys.maxsize if unbounded else total_steps)
     progress = TrainProgress(
@@ -168,6 +234,7 @@ def train(
     last_epoch: dict[str, float] = {}
     stop = False
     budget_start = time.perf_counter()
+    elapsed = 0.0  # budget time agreed by all processes (the largest), so they share lr and stopping step
     with progress:
         last_epoch_index = sys.maxsize if unbounded else math.ceil(total_steps / steps_per_epoch)
         for epoch in range(step // steps_per_epoch, last_epoch_index):
@@ -181,26 +248,24 @@ def train(
                 if batch is None:
                     break
                 t1 = time.perf_counter()
-                if run.time_budget_s:
-                    lr = schedule.set_progress((t1 - budget_start) / run.time_budget_s)
-                else:
-                    lr = schedule.set(step)
                 with autocast_for(device, run.precision):
                     loss, logs = method.loss(model, batch)
-                if not torch.isfinite(loss):
+                # One collective decides for every process: any loss non-finite, and the budget time spent.
+                bad, elapsed = max_over_processes(
+                    [(~torch.isfinite(loss.detach())).double(), time.perf_counter() - budget_start]
+                )
+                if run.time_budget_s:
+                    lr = schedule.set_progress(min(elapsed / run.time_budget_s, 1.0))
+                else:
+                    lr = schedule.set(step)
+                if bad:
                     raise NonFiniteLossError(
-                        f"the loss is {loss.item()} at step {step} (epoch {epoch}, lr {lr:.4g}); last good "
+                        f"the loss is {loss.item()} at step {step} (epoch {epoch}, lr {lr:.4g}) on rank "
+                        f"{ctx.rank} (or another process); last good "
                         f"checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none yet'}. Lower optim.lr "
                         "or check the data; resume with --resume after fixing the settings."
                     )
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                backward_and_step(loss, optimizer, scaler)
                 step += 1
                 count += 1
                 for key, value in logs.items():
@@ -210,7 +275,7 @@ def train(
                 train_seconds += t2 - t0
                 steps_this_session += 1
                 if step % run.log_every == 0 or step == last_stop:
-                    values = {k: round(float(v), 6) for k, v in logs.items()}
+                    values = {k: round(v, 6) for k, v in mean_over_processes(logs).items()}
                     speed = images_per_step * steps_this_session / max(train_seconds, 1e-9)
                     record = {
                         "step": step,
@@ -222,13 +287,12 @@ def train(
                     if step_log:
                         step_log.write(record)
                     progress.update(step, values, lr, speed)
-                budget_spent = (
-                    run.time_budget_s is not None and time.perf_counter() - budget_start >= run.time_budget_s
-                )
+                budget_spent = run.time_budget_s is not None and elapsed >= run.time_budget_s
                 if step >= last_stop or budget_spent:
                     stop = True
                     break
-            last_epoch = {k: float(v) / max(count, 1) for k, v in sums.items()}
+            if count:
+                last_epoch = {k: v / count for k, v in mean_over_processes(sums).items()}
             epoch_done = not stop or step % steps_per_epoch == 0
             if main and count:
                 record = {"epoch": epoch, "step": step, "complete": epoch_done, **last_epoch}
@@ -245,6 +309,7 @@ def train(
     for writer in (step_log, epoch_log):
         if writer:
             writer.close()
+    barrier()  # nobody returns (and reads the checkpoint, or resumes) before rank 0 has written it
     speed = images_per_step * steps_this_session / max(train_seconds, 1e-9)
     return TrainResult(
         run_dir=run_dir,
@@ -254,6 +319,8 @@ def train(
         images_per_second=speed,
         data_fraction=data_seconds / max(train_seconds, 1e-9),
         last_epoch=last_epoch,
+        world_size=world,
+        is_main=main,
     )
 
 
@@ -275,6 +342,7 @@ def _checkpoint_state(
         "scaler": scaler.state_dict() if scaler is not None else None,
         "data": data.state_dict(),
         "labelled": data.labelled.clone(),
+        "world_size": data.order.world_size,
         "rng": {"torch": torch.get_rng_state()},
         "step": step,
         "epoch": epoch,
@@ -283,7 +351,10 @@ def _checkpoint_state(
 
 
 #: Settings that may differ on resume (everything else must match the checkpoint's).
-RESUMABLE_CHANGES = ("run.", "eval.")
+RESUMABLE_CHANGES = ("run.", "eval.", "slurm.", "finetune.")
+#: Per-process sizes that may change on resume together with the number of processes, provided the global
+#: batch stays the same (the samplers check that and name what differs).
+PER_PROCESS_SIZES = ("optim.batch_size", "support.classes_per_batch", "support.images_per_class")
 
 
 def _resume(
@@ -298,10 +369,12 @@ def _resume(
     state = load_checkpoint(path)
     saved = Settings.model_validate(state["settings"]).model_dump(mode="json")
     now = settings.model_dump(mode="json")
+    saved_world = int(state["data"]["unlabelled"]["world_size"])
+    free = RESUMABLE_CHANGES + (PER_PROCESS_SIZES if saved_world != data.order.world_size else ())
     changed = [
         key
         for key in _flat_keys(now)
-        if not key.startswith(RESUMABLE_CHANGES) and _lookup(saved, key) != _lookup(now, key)
+        if not key.startswith(free) and _lookup(saved, key) != _lookup(now, key)
     ]
     if changed:
         raise CheckpointError(
@@ -314,7 +387,13 @@ def _resume(
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    data.load_state_dict(state["data"])
+    try:
+        data.load_state_dict(state["data"])
+    except ValueError as exc:
+        hint = ""
+        if saved_world != data.order.world_size:
+            hint = f" (settings: {', '.join(PER_PROCESS_SIZES)}, per process)"
+        raise CheckpointError(f"cannot resume from {path}: {exc}{hint}") from None
     torch.set_rng_state(state["rng"]["torch"])
     return int(state["step"])
 
