@@ -1,0 +1,1 @@
+"""Data: datasets, label splits, augmentations and the PAWS samplers."""

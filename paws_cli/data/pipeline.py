@@ -1,0 +1,186 @@
+"""From settings to training batches: the dataset, the labelled subset, the samplers and the views.
+
+Shared by every method. Images live in memory as uint8 (N, C, H, W); a batch is gathered, moved to the training
+device and augmented there with per-sample random draws. Every step's randomness comes from a generator seeded by
+(run seed, rank, step), so a resumed run sees exactly the views an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from paws_cli.config.schema import AugmentSettings, DataSettings, Settings
+from paws_cli.data.arrays import ArrayDataset, load_array_dataset, resolve_fmnist
+from paws_cli.data.augment import MultiCropAugment, ViewSpec
+from paws_cli.data.sampler import SupportSampler, UnlabelledOrder
+from paws_cli.data.splits import make_balanced_split, read_split
+
+
+def load_dataset(cfg: DataSettings) -> ArrayDataset:
+    """The configured dataset (Fashion-MNIST is converted once into data.cache_dir when needed)."""
+    if cfg.dataset == "fashion_mnist":
+        return load_array_dataset(resolve_fmnist(cfg.path, cfg.root, cfg.cache_dir))
+    if cfg.path is None:
+        raise ValueError("data.dataset=array needs data.path=DIR (a directory made by `paws convert-dataset`)")
+    return load_array_dataset(cfg.path)
+
+
+def labelled_indices(cfg: DataSettings, dataset: ArrayDataset) -> tuple[np.ndarray, str]:
+    """Indices of the labelled subset in the train split, and a one-line description of where they came from."""
+    labels = dataset.train_labels
+    if cfg.split is not None:
+        split = read_split(cfg.split, num_train=len(labels))
+        if split.kind != "index":
+            raise ValueError(
+                f"split file '{cfg.split}' lists file names, but dataset '{dataset.name}' is indexed by position; "
+                "use an index split (e.g. from `paws make-splits`)"
+            )
+        ids = np.asarray(split.ids, dtype=np.int64)
+        return ids, f"split file {cfg.split} ({len(ids)} labelled images)"
+    ids = make_balanced_split(
+        labels, per_class=cfg.labels_per_class, percent=cfg.label_percent, seed=cfg.split_seed
+    )
+    amount = f"{cfg.labels_per_class} per class" if cfg.labels_per_class else f"{cfg.label_percent}% per class"
+    return ids, f"seeded class-balanced draw, {amount}, seed {cfg.split_seed} ({len(ids)} labelled images)"
+
+
+def as_nchw(images: np.ndarray) -> Tensor:
+    """uint8 (N,H,W) or (N,H,W,C) numpy -> contiguous uint8 (N,C,H,W) tensor."""
+    tensor = torch.from_numpy(np.array(images, copy=True))  # a private, writable copy of a memory map
+    tensor = tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
+    return tensor.contiguous()
+
+
+def image_channels(dataset: ArrayDataset) -> int:
+    shape = dataset.image_shape
+    return 1 if len(shape) == 2 else int(shape[-1])
+
+
+def view_specs(cfg: AugmentSettings) -> tuple[ViewSpec, ViewSpec | None]:
+    common = {
+        "flip_p": cfg.flip_p,
+        "jitter_p": cfg.jitter_p,
+        "jitter_strength": cfg.jitter_strength,
+        "grayscale_p": cfg.grayscale_p,
+        "blur_p": cfg.blur_p,
+        "solarize_p": cfg.solarize_p,
+        "equalize_p": cfg.equalize_p,
+    }
+    large = ViewSpec(size=cfg.large_size, scale=tuple(cfg.large_scale), **common)
+    small = ViewSpec(size=cfg.small_size, scale=tuple(cfg.small_scale), **common) if cfg.num_small else None
+    return large, small
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator for one step's augmentations, a pure function of (seed, rank, step)."""
+    words = np.random.SeedSequence([seed, rank, step, 0x9A35]).generate_state(2, dtype=np.uint32)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(((int(words[0]) << 32) | int(words[1])) & (2**63 - 1))
+    return generator
+
+
+@dataclass
+class Batch:
+    """One training step's inputs, on the training device.
+
+    views: [large 1, large 2, small 1..M] of the unlabelled images, each (B, C, s, s); empty when the
+    method uses labelled data only. supports: V views of the support images, each (K*P, C, s, s).
+    support_classes: (K*P,) class ids (the same for every support view).
+    """
+
+    views: list[Tensor]
+    supports: list[Tensor]
+    support_classes: Tensor
+
+
+class TrainData:
+    """Batches for one process: unlabelled views (if the method needs them) plus a class-balanced support batch."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dataset: ArrayDataset,
+        labelled: np.ndarray,
+        *,
+        device: torch.device,
+        world_size: int = 1,
+        rank: int = 0,
+        need_unlabelled: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.device = device
+        self.rank = rank
+        self.need_unlabelled = need_unlabelled
+        self.images = as_nchw(dataset.train_images)
+        if device.type == "cuda":
+            self.images = self.images.pin_memory()
+        train_labels = np.asarray(dataset.train_labels)
+        self.labelled = torch.as_tensor(labelled, dtype=torch.long)
+        self.labelled_classes = torch.as_tensor(train_labels[labelled], dtype=torch.long)
+        self.order = UnlabelledOrder(
+            len(self.images), settings.optim.batch_size, world_size=world_size, rank=rank, seed=settings.run.seed
+        )
+        sup = settings.support
+        self.supports = SupportSampler(
+            self.labelled_classes.numpy(),
+            classes_per_batch=sup.classes_per_batch,
+            images_per_class=sup.images_per_class,
+            batches_per_epoch=self.order.steps_per_epoch,
+            world_size=world_size,
+            rank=rank,
+            unique_classes_per_rank=sup.unique_classes_per_rank,
+            seed=settings.run.seed,
+        )
+        self.large, self.small = view_specs(settings.augment)
+        self.augment = MultiCropAugment(
+            large=self.large,
+            small=self.small,
+            num_large=2,
+            num_small=settings.augment.num_small,
+            mean=tuple(dataset.mean),
+            std=tuple(dataset.std),
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.order.steps_per_epoch
+
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        return {"unlabelled": self.order.state_dict(), "supports": self.supports.state_dict()}
+
+    def load_state_dict(self, state: dict[str, dict[str, int]]) -> None:
+        self.order.load_state_dict(state["unlabelled"])
+        self.supports.load_state_dict(state["supports"])
+
+    def _to_device(self, images: Tensor) -> Tensor:
+        return images.to(self.device, non_blocking=True)
+
+    def epoch(self, epoch: int, first_step: int) -> Iterator[Batch]:
+        """The batches of `epoch`, from the samplers' current position; `first_step` is the global step of the
+        first batch yielded (it seeds the augmentations)."""
+        self.order.set_epoch(epoch)
+        self.supports.set_epoch(epoch)
+        step = first_step
+        for unlabelled_ids, support_ids in zip(self.order, self.supports):
+            generator = step_generator(self.settings.run.seed, self.rank, step, self.device)
+            views: list[Tensor] = []
+            if self.need_unlabelled:
+                views = self.augment(self._to_device(self.images[unlabelled_ids]), generator)
+            support_images = self._to_device(self.images[self.labelled[support_ids]])
+            supports = self.augment.augment_views(
+                support_images, self.large, self.settings.augment.support_views, generator
+            )
+            classes = self._to_device(self.labelled_classes[support_ids])
+            yield Batch(views, supports, classes)
+            step += 1
+
+
+def describe_dataset(dataset: ArrayDataset) -> str:
+    train, test = len(dataset.train_labels), len(dataset.test_labels)
+    return f"{dataset.name} at {Path(dataset.root)}: {train} train / {test} test images, {dataset.num_classes} classes"
