@@ -27,7 +27,9 @@ def load_dataset(cfg: DataSettings) -> ArrayDataset:
     if cfg.dataset == "fashion_mnist":
         return load_array_dataset(resolve_fmnist(cfg.path, cfg.root, cfg.cache_dir))
     if cfg.path is None:
-        raise ValueError("data.dataset=array needs data.path=DIR (a directory made by `paws convert-dataset`)")
+        raise ValueError(
+            "data.dataset=array needs data.path=DIR (a directory made by `paws convert-dataset`)"
+        )
     return load_array_dataset(cfg.path)
 
 
@@ -46,7 +48,9 @@ def labelled_indices(cfg: DataSettings, dataset: ArrayDataset) -> tuple[np.ndarr
     ids = make_balanced_split(
         labels, per_class=cfg.labels_per_class, percent=cfg.label_percent, seed=cfg.split_seed
     )
-    amount = f"{cfg.labels_per_class} per class" if cfg.labels_per_class else f"{cfg.label_percent}% per class"
+    amount = (
+        f"{cfg.labels_per_class} per class" if cfg.labels_per_class else f"{cfg.label_percent}% per class"
+    )
     return ids, f"seeded class-balanced draw, {amount}, seed {cfg.split_seed} ({len(ids)} labelled images)"
 
 
@@ -124,7 +128,11 @@ class TrainData:
         self.labelled = torch.as_tensor(labelled, dtype=torch.long)
         self.labelled_classes = torch.as_tensor(train_labels[labelled], dtype=torch.long)
         self.order = UnlabelledOrder(
-            len(self.images), settings.optim.batch_size, world_size=world_size, rank=rank, seed=settings.run.seed
+            len(self.images),
+            settings.optim.batch_size,
+            world_size=world_size,
+            rank=rank,
+            seed=settings.run.seed,
         )
         sup = settings.support
         self.supports = SupportSampler(
