@@ -17,13 +17,36 @@ class Section(BaseModel):
 
 
 class DataSettings(Section):
-    dataset: Literal["fashion_mnist", "array"] = Field(
+    dataset: Literal["fashion_mnist", "array", "cifar10", "imagefolder"] = Field(
         "fashion_mnist",
-        description="Dataset kind: 'fashion_mnist' (embedded; converted on first use) or 'array' (a directory "
-        "written by `paws convert-dataset`).",
+        description="What the data is: 'fashion_mnist' (embedded; converted on first use), 'array' (a directory "
+        "written by `paws convert-dataset array`), 'cifar10' (the python-pickle folder cifar-10-batches-py) or "
+        "'imagefolder' (ImageNet layout: one folder per class; or its FFCV conversion with data.format=ffcv).",
+    )
+    format: Literal["memory", "folder", "ffcv"] = Field(
+        "memory",
+        description="How it is loaded: 'memory' (the whole uint8 array in RAM, augmented on the training device; "
+        "fashion_mnist, array, cifar10), 'folder' (JPEGs decoded by PIL in DataLoader workers) or 'ffcv' (a .beton "
+        "from `paws convert-dataset imagefolder`, decoded by FFCV; needs the ffcv extra).",
     )
     path: str | None = Field(
-        None, description="Converted dataset directory. For fashion_mnist, None converts into data.cache_dir."
+        None,
+        description="Training data: the converted directory (array), the cifar-10-batches-py folder (cifar10), the "
+        "ImageFolder train root (folder) or the train .beton (ffcv). For fashion_mnist, None converts into "
+        "data.cache_dir.",
+    )
+    val_path: str | None = Field(
+        None,
+        description="Evaluation images for imagefolder data: the ImageFolder val root (folder) or the val .beton "
+        "(ffcv). Memory datasets carry their own test split.",
+    )
+    num_workers: int = Field(
+        8, ge=0, description="Data-loading worker processes per training process (folder and ffcv formats)."
+    )
+    bad_images: Literal["skip", "stop"] = Field(
+        "skip",
+        description="A corrupt or truncated image met while loading: 'skip' it (replaced by another image of the "
+        "batch, counted and reported) or 'stop' with an error naming the file.",
     )
     root: str | None = Field(
         None,
@@ -52,6 +75,22 @@ class DataSettings(Section):
             raise ValueError(
                 "set only one of data.labels_per_class and data.label_percent (set the other to null)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _format_fits_dataset(self) -> DataSettings:
+        in_memory = self.dataset in ("fashion_mnist", "array", "cifar10")
+        if in_memory and self.format != "memory":
+            raise ValueError(
+                f"data.format={self.format} needs data.dataset=imagefolder; data.dataset={self.dataset} is "
+                "loaded into memory (set data.format=memory)"
+            )
+        if not in_memory and self.format == "memory":
+            raise ValueError(
+                "data.dataset=imagefolder is loaded with data.format=folder (JPEGs) or data.format=ffcv (a .beton)"
+            )
+        if self.dataset in ("cifar10", "imagefolder", "array") and self.path is None:
+            raise ValueError(f"data.dataset={self.dataset} needs data.path (see `paws settings` for its meaning)")
         return self
 
 
@@ -163,6 +202,18 @@ class RunSettings(Section):
     log_every: int = Field(10, ge=1, description="Write step metrics every N steps.")
     checkpoint_every: int = Field(
         0, ge=0, description="Also keep checkpoint-epochN.pt every N epochs (0 = only 'latest')."
+    )
+    checkpoint_every_steps: int = Field(
+        0,
+        ge=0,
+        description="Also overwrite the 'latest' checkpoint every N steps inside an epoch (0 = at epoch ends "
+        "only), so that a killed job loses at most N steps.",
+    )
+    skip_nonfinite_steps: int = Field(
+        0,
+        ge=0,
+        description="Skip up to this many steps whose loss is not finite (no update) before stopping; 0 stops at "
+        "the first.",
     )
     max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (smoke tests).")
     time_budget_s: float | None = Field(
