@@ -53,6 +53,7 @@ def tiny_overrides(tiny_dataset: Path, tmp_path: Path) -> list[str]:
         "optim.warmup_epochs=0.5",
         "model.proj_hidden_dim=64",
         "run.precision=fp32",
+        "run.device=cpu",  # exact-resume and parity checks are CPU promises (CUDA kernels are not deterministic)
         "model.channels_last=false",
         "model.proj_out_dim=64",
         f"run.out_dir={tmp_path / 'runs'}",
