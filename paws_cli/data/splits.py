@@ -2,19 +2,25 @@
 
 Own format: first line ``# paws-split v1 kind=index|name dataset=NAME per_class=N|percent=P seed=S
 source=...`` (values shell-quoted when needed), then one identifier per line: a 0-based index into the
-train set for array datasets, or an ImageNet-style file name such as ``n01440764_10026.JPEG``.
-Official files (PAWS-SPEC.md section 10) are plain integer lists (CIFAR-10) or file-name lists (ImageNet).
+train set for array datasets, or a file name of an ImageFolder / .beton dataset. A file name is either a bare
+ImageNet-style name such as ``n01440764_10026.JPEG`` (the official lists; matched by file name, which must then
+be unique in the dataset) or a ``<class>/<file>`` path relative to the train root (what `paws make-splits`
+writes for its own draws; matched exactly). ``resolve_names`` turns either into dataset indices.
+Official files (PAWS-SPEC.md section 10) are plain integer lists (CIFAR-10) or file-name lists (ImageNet); the
+package ships them (``official_split``). Any split file may be gzipped (``.gz``).
 A missing split file is always an error: the reference's silent fallback to a random split is a known flaw.
 """
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import re
 import shlex
+import zlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from paws_cli.io_utils import atomic_write_text
+from paws_cli.splits import official_list
 
 HEADER_PREFIX = "# paws-split"
 HEADER_VERSION = "v1"
@@ -198,6 +205,19 @@ def _is_image_name(text: str) -> bool:
     return text.lower().endswith(IMAGE_SUFFIXES)
 
 
+def _read_text(path: Path) -> str:
+    """The file's text; ``.gz`` files are decompressed (the shipped official lists are gzipped)."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                return fh.read()
+        return path.read_text(encoding="utf-8")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"split file {path} is unreadable ({exc}); re-create it or re-download it") from exc
+
+
 def read_split(path: str | os.PathLike[str], *, num_train: int | None = None) -> SplitFile:
     """Read a split file (own format or an official headerless list) and validate it.
 
@@ -209,7 +229,7 @@ def read_split(path: str | os.PathLike[str], *, num_train: int | None = None) ->
             f"split file {path} does not exist. There is no random fallback: pass an existing split file "
             "or make one with `paws make-splits`"
         )
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path).splitlines()
     header: dict[str, str] = {}
     entries: list[tuple[int, str]] = []  # (1-based line number, identifier)
     for lineno, raw in enumerate(lines, start=1):
@@ -327,3 +347,209 @@ def labelled_subset_summary(
         "min": min(values),
         "max": max(values),
     }
+
+
+# --------------------------------------------------------------------------- official lists shipped with the package
+
+
+def official_split(key: str) -> SplitFile:
+    """An official list shipped inside the package: "1%", "10%", "val" (ImageNet) or "cifar10-4000-SEED".
+
+    The header stays empty (``official`` is True); the line count is checked against the recorded one.
+    """
+    entry = official_list(key)
+    if not entry.path.is_file():
+        raise FileNotFoundError(
+            f"the packaged official list {entry.path} is missing: the installation is incomplete; reinstall paws-cli"
+        )
+    split = read_split(entry.path)
+    if len(split) != entry.num_lines:
+        raise ValueError(
+            f"the packaged official list {entry.path} has {len(split)} entries, expected {entry.num_lines}; "
+            "the installation is damaged; reinstall paws-cli"
+        )
+    return split
+
+
+# --------------------------------------------------------------------------- file-name splits -> dataset indices
+
+_VAL_PREFIX = "ILSVRC2012_val_"
+
+
+def split_entry_class(name: str) -> str:
+    """Class of a split entry: the folder of a ``<class>/<file>`` path, else the ImageNet class of the name."""
+    if "/" in name:
+        return name.split("/", 1)[0]
+    return imagenet_class_of(name)
+
+
+def _basename(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def _split_names(split: SplitFile | Sequence[str]) -> tuple[list[str], str]:
+    if isinstance(split, SplitFile):
+        if split.kind != "name":
+            raise ValueError(
+                f"split file {split.path} lists integer indices, not file names; an index split is used as is "
+                "(it belongs to an array dataset or CIFAR-10, not to an image folder)"
+            )
+        return [str(n) for n in split.ids], f"split file {split.path}" if split.path else "the split"
+    return [str(n) for n in split], "the split"
+
+
+def _missing_hints(
+    missing: list[str], names: list[str], files: Sequence[str], skipped: Collection[str]
+) -> str:
+    """Why names may be missing: skipped at conversion, the val folder, absent classes, or another dataset."""
+    hints = []
+    skipped_set = set(skipped) | {_basename(s) for s in skipped}
+    n_skipped = sum(1 for m in missing if m in skipped_set)
+    if n_skipped:
+        hints.append(
+            f"{n_skipped} of them were skipped as unreadable when the dataset was converted (see the sidecar's "
+            "'skipped' list); fix those files and convert again"
+        )
+    sample = [_basename(str(f)) for f in files[: min(len(files), 1000)]]
+    looks_like_val = bool(sample) and sum(b.startswith(_VAL_PREFIX) for b in sample) > len(sample) // 2
+    if looks_like_val:
+        hints.append(
+            f"the dataset's files are named like ImageNet validation images ({_VAL_PREFIX}*); split lists name "
+            "training images: use ImageNet's train folder, not val"
+        )
+    dataset_classes = {str(f).split("/", 1)[0] for f in files}
+    split_classes: set[str] = set()
+    absent: set[str] = set()
+    for n in names:
+        try:
+            cls = split_entry_class(n)
+        except ValueError:
+            continue
+        split_classes.add(cls)
+        if cls not in dataset_classes:
+            absent.add(cls)
+    if absent:
+        hints.append(
+            f"{len(absent)} of the split's {len(split_classes)} classes have no folder in the dataset "
+            f"(e.g. {sorted(absent)[:3]}): is it the right dataset, or a subset of the split's classes? To keep "
+            "only the dataset's classes, say so explicitly (`paws make-splits --dataset-classes-only`)"
+        )
+    elif not n_skipped and not looks_like_val:
+        hints.append(
+            "their class folders exist but the files do not: wrong dataset, ImageNet val instead of train, or an "
+            "incomplete copy?"
+        )
+    return "; ".join(hints)
+
+
+def resolve_names(
+    split: SplitFile | Sequence[str],
+    files: Sequence[str],
+    *,
+    dataset: str = "the dataset",
+    skipped: Collection[str] = (),
+    what: str | None = None,
+) -> np.ndarray:
+    """Indices into ``files`` of the names a split lists, in the split's order (int64).
+
+    ``files``: the dataset's images as ``<class>/<file>`` paths relative to its train root, in dataset order
+    (ImageFolder order, or a .beton's sidecar ``files``). A split entry with a ``/`` must equal one of them;
+    a bare name (``n01440764_10026.JPEG``, as in the official lists) matches the file of that name, which must
+    be unique in the dataset. Any name that is not in the dataset is an error saying how many and showing
+    examples, with hints (``skipped``: files the conversion left out, to say so). ``dataset`` names the
+    dataset and ``what`` the split in messages (default: the split file's path).
+    """
+    names, default_what = _split_names(split)
+    what = what or default_what
+    if not names:
+        raise ValueError(f"{what} lists no names")
+    if len(files) == 0:
+        raise ValueError(f"{dataset} has no images to resolve {what} against")
+    by_path: dict[str, int] = {}
+    by_base: dict[str, int] = {}  # -1: the same file name in several folders
+    for i, f in enumerate(files):
+        f = str(f)
+        by_path[f] = i
+        base = _basename(f)
+        by_base[base] = -1 if base in by_base else i
+    out = np.empty(len(names), dtype=np.int64)
+    missing: list[str] = []
+    ambiguous: list[str] = []
+    for k, name in enumerate(names):
+        idx = by_path.get(name) if "/" in name else by_base.get(name)
+        if idx is None:
+            missing.append(name)
+        elif idx < 0:
+            ambiguous.append(name)
+        else:
+            out[k] = idx
+    if missing:
+        classes = len({str(f).split("/", 1)[0] for f in files})
+        raise ValueError(
+            f"{len(missing)} of {len(names)} names in {what} are not in {dataset} ({len(files)} "
+            f"images in {classes} class folders), e.g. {missing[:5]}; "
+            + _missing_hints(missing, names, files, skipped)
+        )
+    if ambiguous:
+        examples = [[f for f in map(str, files) if _basename(f) == a][:2] for a in ambiguous[:3]]
+        raise ValueError(
+            f"{len(ambiguous)} bare file names in {what} match files in several class folders of {dataset}, "
+            f"e.g. {examples}; write those entries as <class>/<file> paths"
+        )
+    uniq, counts = np.unique(out, return_counts=True)
+    if len(uniq) != len(out):
+        twice = [str(files[int(i)]) for i in uniq[counts > 1][:5]]
+        raise ValueError(
+            f"{what} names {int((counts > 1).sum())} files twice (once by path, once by name), e.g. {twice}"
+        )
+    return out
+
+
+def restrict_to_classes(names: Sequence[str], classes: Collection[str]) -> tuple[list[str], list[str]]:
+    """Split ``names`` into those whose class is in ``classes`` and those dropped (both in input order).
+
+    Only for explicit requests (``paws make-splits --dataset-classes-only``): callers must report the drop.
+    """
+    allowed = set(classes)
+    kept: list[str] = []
+    dropped: list[str] = []
+    for n in names:
+        (kept if split_entry_class(str(n)) in allowed else dropped).append(str(n))
+    return kept, dropped
+
+
+def check_support_feasible(
+    labels_of_split: Sequence[int] | np.ndarray,
+    images_per_class: int,
+    classes_per_batch: int,
+    *,
+    world_size: int = 1,
+    unique_classes_per_rank: bool = True,
+    class_names: Sequence[str] | None = None,
+    what: str = "the labelled split",
+) -> None:
+    """Raise a ValueError when the labelled split cannot fill support batches of K classes x P images.
+
+    The rule is the support sampler's own (it validates on construction), so the two never disagree;
+    ``class_names`` (indexed by label) adds the names of the classes with the fewest labelled images.
+    """
+    from paws_cli.data.sampler import SupportSampler  # torch-heavy; only needed here
+
+    try:
+        SupportSampler(
+            labels_of_split,
+            classes_per_batch=classes_per_batch,
+            images_per_class=images_per_class,
+            batches_per_epoch=1,
+            world_size=world_size,
+            unique_classes_per_rank=unique_classes_per_rank,
+        )
+    except ValueError as exc:
+        detail = ""
+        labels = np.asarray(labels_of_split)
+        if class_names is not None and labels.size and np.issubdtype(labels.dtype, np.integer):
+            present, counts = np.unique(labels, return_counts=True)
+            fewest = present[counts == counts.min()]
+            shown = ", ".join(f"{int(c)} = {class_names[int(c)]!r}" for c in fewest[:5])
+            detail = f" (fewest labelled images, {int(counts.min())}: class {shown})"
+        raise ValueError(f"{what}: {exc}{detail}") from None
