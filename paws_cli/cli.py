@@ -209,21 +209,53 @@ def convert_dataset(
 @app.command("make-splits")
 @user_errors
 def make_splits(
-    dataset: Annotated[Path, typer.Argument(help="A converted dataset directory.")],
-    out: Annotated[Path, typer.Argument(help="Output directory for labelled.txt (and val.txt).")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="[DATASET] OUT",
+            help="The dataset (an array dataset directory, an ImageFolder train root or a .beton with its "
+            "sidecar index; or give it with --dataset), then the output directory for labelled.txt (and val.txt).",
+        ),
+    ],
+    dataset_opt: Annotated[
+        Path | None, typer.Option("--dataset", help="The dataset, instead of the first argument.")
+    ] = None,
+    official: Annotated[
+        str | None,
+        typer.Option(
+            help="Official labelled list: 1% or 10% (ImageNet, shipped), cifar10-4000-SEED (shipped), or a "
+            "split file path."
+        ),
+    ] = None,
     per_class: Annotated[
         int | None, typer.Option(help="Labelled images per class (seeded, class-balanced).")
     ] = None,
     percent: Annotated[float | None, typer.Option(help="Labelled percentage of each class.")] = None,
-    official: Annotated[
-        Path | None, typer.Option(help="An official split list (e.g. CIFAR spc.4000_split.*.txt).")
-    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the draw.")] = 0,
-    val_per_class: Annotated[int, typer.Option(help="Held-out images per class for model selection.")] = 0,
+    val: Annotated[
+        bool,
+        typer.Option("--val", help="Also write val.txt: ImageNet's official held-out list (12 per class)."),
+    ] = False,
+    val_per_class: Annotated[
+        int, typer.Option(help="Also write val.txt: a seeded draw of this many held-out images per class.")
+    ] = 0,
+    dataset_classes_only: Annotated[
+        bool,
+        typer.Option(
+            "--dataset-classes-only",
+            help="Keep only the official names whose class the dataset has (prints what it drops); for subsets "
+            "of ImageNet's classes.",
+        ),
+    ] = False,
 ) -> None:
-    """Write the labelled-subset split file (and a held-out val split) for a dataset."""
+    """Write the labelled-subset split file (and a held-out val.txt) for a dataset, checked against it."""
     from data_tools.make_splits import make_splits as make
 
+    if dataset_opt is not None and len(paths) != 1:
+        raise ValueError("with --dataset, give only the output directory as argument")
+    if dataset_opt is None and len(paths) != 2:
+        raise ValueError("give the dataset and the output directory: paws make-splits DATASET OUT")
+    dataset, out = (dataset_opt, paths[0]) if dataset_opt is not None else (paths[0], paths[1])
     if sum(x is not None for x in (per_class, percent, official)) != 1:
         raise ValueError("give exactly one of --per-class, --percent or --official")
     written = make(
@@ -233,11 +265,13 @@ def make_splits(
         percent=percent,
         seed=seed,
         official=official,
+        val=val,
         val_per_class=val_per_class,
+        dataset_classes_only=dataset_classes_only,
+        log=lambda msg: console.print(msg, highlight=False),
     )
     for kind, path in written.items():
-        n = sum(1 for line in path.read_text().splitlines() if line and not line.startswith("#"))
-        console.print(f"{kind}: {path} ({n} images)")
+        console.print(f"wrote {kind}: {path}", highlight=False)
 
 
 @recipes_app.command("ls")
