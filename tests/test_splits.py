@@ -1,7 +1,14 @@
-"""Balanced split draws, split-file reading/writing (own and official formats) and make_splits."""
+"""Balanced split draws, split-file reading/writing (own and official formats), the shipped official lists,
+file-name resolution, the support feasibility check and make_splits on array datasets.
+
+The official lists are tested through the copies shipped inside the package (CI has no /work/shared); where
+/work/shared/splits exists, the shipped copies are also compared byte for byte with it.
+"""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +17,20 @@ import pytest
 from data_tools.make_splits import make_splits
 from paws_cli.data.arrays import write_array_dataset
 from paws_cli.data.splits import (
+    SplitFile,
+    check_support_feasible,
     imagenet_class_of,
     labelled_subset_summary,
     make_balanced_split,
+    official_split,
     official_split_path,
     read_split,
+    resolve_names,
+    restrict_to_classes,
+    split_entry_class,
     write_split,
 )
+from paws_cli.splits import OFFICIAL_LISTS, SPLITS_DIR, official_list
 
 SHARED_SPLITS = Path("/work/shared/splits")
 
@@ -266,13 +280,24 @@ def test_make_splits_percent_and_official(toy_dataset, tmp_path):
     official.write_text("n01_1.JPEG\n")
     with pytest.raises(ValueError, match=r"needs train indices"):
         make_splits(toy_dataset, tmp_path / "bad", official=official)
-    with pytest.raises(ValueError, match=r"not both"):
+    with pytest.raises(ValueError, match=r"exactly one of per_class, percent or official"):
         make_splits(toy_dataset, tmp_path / "bad", official=official, per_class=2)
-    with pytest.raises(FileNotFoundError, match=r"no random fallback"):
+    with pytest.raises(FileNotFoundError, match=r"neither one of the shipped lists.*no random fallback"):
         make_splits(toy_dataset, tmp_path / "bad", official=tmp_path / "nope.txt")
+    with pytest.raises(ValueError, match=r"has no file names.*val_per_class"):
+        make_splits(toy_dataset, tmp_path / "bad", per_class=2, val=True)
+    with pytest.raises(ValueError, match=r"either val .* or val_per_class"):
+        make_splits(toy_dataset, tmp_path / "bad", per_class=2, val=True, val_per_class=2)
+    assert not (tmp_path / "bad").exists()  # nothing is written when the request is refused
 
 
-# --------------------------------------------------------------------------- official files
+def test_make_splits_shipped_cifar_list_needs_50000_images(toy_dataset, tmp_path):
+    # The toy dataset has 100 images; the shipped CIFAR-10 list indexes 50,000: refused, naming the size.
+    with pytest.raises(ValueError, match=r"outside \[0, 100\).*does not belong to this dataset"):
+        make_splits(toy_dataset, tmp_path / "c", official="cifar10-4000-73")
+
+
+# --------------------------------------------------------------------------- official files (shipped copies)
 
 
 def _shared(name: str) -> Path:
@@ -282,22 +307,151 @@ def _shared(name: str) -> Path:
     return path
 
 
-def test_official_imagenet_splits():
-    one = read_split(_shared(official_split_path("1%")))
-    ten = read_split(_shared(official_split_path("10%")))
-    val = read_split(_shared("val.txt"))
-    assert one.kind == ten.kind == val.kind == "name"
-    assert len(one) == 12811 and len(ten) == 128116 and len(val) == 12000
+@pytest.mark.parametrize("key", list(OFFICIAL_LISTS))
+def test_shipped_list_matches_recorded_provenance(key):
+    entry = official_list(key)
+    data = gzip.decompress(entry.path.read_bytes())
+    assert hashlib.sha256(data).hexdigest() == entry.original_sha256
+    assert len(data) == entry.original_bytes
+    assert len(official_split(key)) == entry.num_lines
+
+
+def test_shipped_lists_are_small_and_all_recorded():
+    files = sorted(SPLITS_DIR.glob("*.txt.gz"))
+    assert sorted(e.file for e in OFFICIAL_LISTS.values()) == [f.name for f in files]
+    assert sum(f.stat().st_size for f in files) < 1_000_000
+    assert "99percent.txt" in (SPLITS_DIR / "README.md").read_text()
+
+
+def test_shipped_imagenet_lists_counts():
+    one, ten, val = official_split("1%"), official_split("10%"), official_split("val")
+    assert one.kind == ten.kind == val.kind == "name" and one.official
+    assert (len(one), len(ten), len(val)) == (12811, 128116, 12000)
     assert set(one.ids) <= set(ten.ids)
     assert not set(val.ids) & set(ten.ids)
     s1 = labelled_subset_summary(one.ids)
     assert s1["num_classes"] == 1000 and (s1["min"], s1["max"]) == (12, 13)
+    s10 = labelled_subset_summary(ten.ids)
+    # 10% of each class's training images (732-1300 per class), rounded as the SimCLR authors did.
+    assert s10["num_classes"] == 1000 and s10["min"] >= 73 and s10["max"] <= 130
     sv = labelled_subset_summary(val.ids)
     assert sv["num_classes"] == 1000 and sv["min"] == sv["max"] == 12
+    assert set(s1["per_class"]) == set(s10["per_class"]) == set(sv["per_class"])
 
 
 @pytest.mark.parametrize("seed", [73, 91, 152, 321, 401])
-def test_official_cifar_splits(seed):
-    split = read_split(_shared(f"spc.4000_split.{seed}.txt"), num_train=50000)
-    assert split.kind == "index" and len(split) == 4000
+def test_shipped_cifar_lists(seed):
+    split = official_split(f"cifar10-4000-{seed}")
+    assert split.kind == "index" and len(split) == 4000 and len(set(split.ids.tolist())) == 4000
     assert int(split.ids.min()) >= 0 and int(split.ids.max()) < 50000
+
+
+def test_official_keys():
+    assert official_list("1%").original_name == official_split_path("1%") == "99percent.txt"
+    assert official_list("10").original_name == official_split_path("10%") == "90percent.txt"
+    with pytest.raises(ValueError, match=r"no official split list '5%'; the shipped ones are: 1%, 10%, val"):
+        official_list("5%")
+
+
+@pytest.mark.parametrize("key", list(OFFICIAL_LISTS))
+def test_shipped_copy_is_byte_identical_to_shared(key):
+    entry = official_list(key)
+    assert gzip.decompress(entry.path.read_bytes()) == _shared(entry.original_name).read_bytes()
+
+
+def test_official_imagenet_splits_shared():
+    one = read_split(_shared(official_split_path("1%")))
+    ten = read_split(_shared(official_split_path("10%")))
+    val = read_split(_shared("val.txt"))
+    assert (len(one), len(ten), len(val)) == (12811, 128116, 12000)
+    assert one.ids == official_split("1%").ids and val.ids == official_split("val").ids
+
+
+def test_read_gzipped_split(tmp_path):
+    path = tmp_path / "s.txt.gz"
+    path.write_bytes(gzip.compress(b"# paws-split v1 kind=index seed=1\n4\n2\n"))
+    split = read_split(path, num_train=5)
+    np.testing.assert_array_equal(split.ids, [4, 2])
+    assert split.header["seed"] == "1"
+    path.write_bytes(gzip.compress(b"4\n2\n")[:-6])  # truncated
+    with pytest.raises(ValueError, match=r"s.txt.gz is unreadable"):
+        read_split(path)
+
+
+# --------------------------------------------------------------------------- names -> dataset indices
+
+FILES = [
+    "n01440764/n01440764_1.JPEG",
+    "n01440764/n01440764_2.JPEG",
+    "n01443537/n01443537_7.JPEG",
+    "n01443537/shared.jpg",
+    "n01484850/n01484850_3.JPEG",
+    "n01484850/shared.jpg",
+]
+
+
+def test_resolve_bare_names_and_paths():
+    idx = resolve_names(["n01484850_3.JPEG", "n01440764_1.JPEG", "n01443537/shared.jpg"], FILES)
+    assert idx.dtype == np.int64
+    np.testing.assert_array_equal(idx, [4, 0, 3])  # in the split's order
+    split = SplitFile("name", ["n01443537_7.JPEG"], {}, Path("x.txt"))
+    np.testing.assert_array_equal(resolve_names(split, FILES), [2])
+
+
+def test_resolve_missing_names_says_how_many_and_why():
+    names = ["n01440764_1.JPEG", "n01440764_99.JPEG", "n09999999_1.JPEG", "n09999998_1.JPEG"]
+    with pytest.raises(ValueError) as err:
+        resolve_names(names, FILES, dataset="folder X")
+    msg = str(err.value)
+    assert "3 of 4 names in the split are not in folder X (6 images in 3 class folders)" in msg
+    assert "'n01440764_99.JPEG'" in msg and "'n09999999_1.JPEG'" in msg
+    assert (
+        "2 of the split's 3 classes have no folder in the dataset" in msg and "--dataset-classes-only" in msg
+    )
+    with pytest.raises(ValueError, match=r"class folders exist but the files do not.*val instead of train"):
+        resolve_names(["n01440764_99.JPEG"], FILES)
+    val_files = [f"n01440764/ILSVRC2012_val_{i:08d}.JPEG" for i in range(5)]
+    with pytest.raises(ValueError, match=r"named like ImageNet validation images.*train folder, not val"):
+        resolve_names(["n01440764_1.JPEG"], val_files)
+    with pytest.raises(ValueError, match=r"1 of them were skipped as unreadable"):
+        resolve_names(["n01440764_5.JPEG"], FILES, skipped=["n01440764/n01440764_5.JPEG"])
+    with pytest.raises(ValueError, match=r"not in"):
+        resolve_names(["n01440764/n01440764_2.JPEG/"], FILES)  # paths must match exactly
+
+
+def test_resolve_ambiguous_duplicate_and_index_splits():
+    with pytest.raises(ValueError, match=r"1 bare file names .* several class folders.*<class>/<file>"):
+        resolve_names(["shared.jpg"], FILES)
+    with pytest.raises(ValueError, match=r"names 1 files twice"):
+        resolve_names(["n01440764_2.JPEG", "n01440764/n01440764_2.JPEG"], FILES)
+    with pytest.raises(ValueError, match=r"lists integer indices, not file names"):
+        resolve_names(SplitFile("index", np.array([1]), {}, Path("i.txt")), FILES)
+    with pytest.raises(ValueError, match=r"no images"):
+        resolve_names(["a_1.JPEG"], [])
+
+
+def test_restrict_to_classes_and_entry_class():
+    assert split_entry_class("n01440764_1.JPEG") == "n01440764"
+    assert split_entry_class("cats/img_1.png") == "cats"
+    kept, dropped = restrict_to_classes(["b_1.JPEG", "a_2.JPEG", "c/x.png", "a/y.png"], ["a", "c"])
+    assert kept == ["a_2.JPEG", "c/x.png", "a/y.png"] and dropped == ["b_1.JPEG"]
+
+
+# --------------------------------------------------------------------------- support feasibility
+
+
+def test_check_support_feasible():
+    labels = np.repeat([0, 1, 2], [7, 12, 13])
+    check_support_feasible(labels, images_per_class=7, classes_per_batch=3)
+    with pytest.raises(
+        ValueError, match=r"the labelled split: class 0 has 7 labelled images.*images_per_class=8"
+    ):
+        check_support_feasible(labels, images_per_class=8, classes_per_batch=3)
+    # Shared classes over 2 processes: each sees n // 2 images, so class 0 offers 3 < 4.
+    with pytest.raises(ValueError, match=r"3 per process with world_size=2"):
+        check_support_feasible(labels, 4, 3, world_size=2, unique_classes_per_rank=False)
+    check_support_feasible(labels, 3, 3, world_size=2, unique_classes_per_rank=False)
+    with pytest.raises(ValueError, match=r"fewest labelled images, 7: class 0 = 'tench'"):
+        check_support_feasible(labels, 8, 3, class_names=["tench", "goldfish", "shark"], what="split s.txt")
+    with pytest.raises(ValueError, match=r"4 distinct classes per step, but the labelled subset has only 3"):
+        check_support_feasible(labels, 1, 4)
