@@ -30,6 +30,7 @@ import numpy as np
 
 from paws_cli.data.arrays import META_FILE, load_array_dataset
 from paws_cli.data.splits import (
+    OFFICIAL_PREFIX,
     SplitFile,
     make_balanced_split,
     official_split,
@@ -136,7 +137,7 @@ def _sha256(path: Path) -> str:
 
 def _load_official(official: str | os.PathLike[str]) -> tuple[SplitFile, dict[str, object]]:
     """A shipped list by key ("1%", "10%", "val", "cifar10-4000-73", ...; keys win) or a split file by path."""
-    text = str(official)
+    text = str(official).removeprefix(OFFICIAL_PREFIX)
     if text.strip().lower().removesuffix("%") in {k.removesuffix("%") for k in OFFICIAL_LISTS}:
         entry = official_list(text)
         fields: dict[str, object] = {

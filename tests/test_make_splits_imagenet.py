@@ -68,7 +68,12 @@ def test_official_list_against_a_3_class_folder_is_an_error(train_root, tmp_path
 def test_official_1pct_restricted_with_official_val(train_root, tmp_path):
     said: list[str] = []
     out = make_splits(
-        train_root, tmp_path / "s", official="1%", val=True, dataset_classes_only=True, log=said.append
+        train_root,
+        tmp_path / "s",
+        official="official:1%",
+        val=True,
+        dataset_classes_only=True,
+        log=said.append,
     )
     assert _body(out["labelled"]) == ONE_HERE  # the official names, in the official order
     assert _body(out["val"]) == VAL_HERE

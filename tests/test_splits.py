@@ -367,6 +367,16 @@ def test_official_imagenet_splits_shared():
     assert one.ids == official_split("1%").ids and val.ids == official_split("val").ids
 
 
+def test_official_prefix_reads_the_shipped_list():
+    split = read_split("official:cifar10-4000-91", num_train=50000)
+    np.testing.assert_array_equal(split.ids, official_split("cifar10-4000-91").ids)
+    assert read_split("official:1%").ids == official_split("1%").ids
+    with pytest.raises(ValueError, match=r"outside \[0, 1000\)"):
+        read_split("official:cifar10-4000-91", num_train=1000)
+    with pytest.raises(ValueError, match=r"no official split list '2%'"):
+        read_split("official:2%")
+
+
 def test_read_gzipped_split(tmp_path):
     path = tmp_path / "s.txt.gz"
     path.write_bytes(gzip.compress(b"# paws-split v1 kind=index seed=1\n4\n2\n"))

@@ -31,6 +31,8 @@ from paws_cli.io_utils import atomic_write_text
 from paws_cli.splits import official_list
 
 HEADER_PREFIX = "# paws-split"
+#: ``official:KEY`` names a list shipped with the package wherever a split file path is accepted.
+OFFICIAL_PREFIX = "official:"
 HEADER_VERSION = "v1"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 _INT_RE = re.compile(r"^[+-]?\d+$")
@@ -221,8 +223,13 @@ def _read_text(path: Path) -> str:
 def read_split(path: str | os.PathLike[str], *, num_train: int | None = None) -> SplitFile:
     """Read a split file (own format or an official headerless list) and validate it.
 
+    ``path`` may also name a list shipped with the package as ``official:KEY`` (``official:1%``,
+    ``official:cifar10-4000-73``; see ``paws_cli.splits``), so settings can say ``data.split=official:1%``.
     ``num_train``: the train-set size; index files must then lie in ``[0, num_train)``.
     """
+    text = os.fspath(path)
+    if isinstance(text, str) and text.startswith(OFFICIAL_PREFIX):
+        path = official_list(text[len(OFFICIAL_PREFIX) :]).path
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
