@@ -18,19 +18,35 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -c constraints.txt torch torchvision
 	$(PIP) install -c constraints.txt -e '.[dev]'
 	@$(BIN)/python -c "import torch, torchvision, timm; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__)"
+	@# The ffcv extra builds a C extension against libturbojpeg and OpenCV. Optional: without it setup still
+	@# succeeds and data.format=folder works; data.format=ffcv and `paws convert-dataset imagefolder` need it.
+	@if $(PIP) install -c constraints.txt -e '.[ffcv]' && $(BIN)/python -c "import ffcv" 2>/dev/null; then \
+	    echo "paws: FFCV $$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("ffcv"))') installed (data.format=ffcv available)"; \
+	else echo "paws: FFCV NOT installed (it needs the Debian packages $(FFCV_BUILD_PACKAGES), see above);"; \
+	     echo "      data.format=folder works without it. Later: $(BIN)/python -m pip install -c constraints.txt -e '.[ffcv]'"; fi
 	@touch $(STAMP)
 
-# Debian's Fashion-MNIST (the embedded real dataset). Installed with apt-get as root or through sudo;
-# otherwise we say exactly what to run.
+# Debian packages: Fashion-MNIST (the embedded real dataset) and what building the ffcv extra needs. Installed
+# with apt-get as root or through sudo; otherwise we say exactly what to run. Never fails: without the FFCV
+# build packages, setup goes on without FFCV.
+FFCV_BUILD_PACKAGES := pkg-config g++ libturbojpeg0-dev libopencv-dev
 system-packages:
-	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then exit 0; fi; \
+	@need=""; \
+	[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need="dataset-fashion-mnist"; \
+	if ! { command -v g++ >/dev/null && command -v pkg-config >/dev/null && pkg-config --exists libturbojpeg \
+	       && { pkg-config --exists opencv4 || pkg-config --exists opencv; }; }; then \
+	    need="$$need $(FFCV_BUILD_PACKAGES)"; fi; \
+	if [ -z "$$need" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+	    echo "paws: not a Debian/Ubuntu system; install the equivalents of:$$need"; exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
 	else echo "paws: cannot install system packages without root. Run:"; \
-	     echo "  sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"; \
-	     echo "or, without root: apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb ./data/deb"; \
+	     echo "  sudo apt-get update && sudo apt-get install -y$$need"; \
+	     echo "For Fashion-MNIST without root: apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb ./data/deb"; \
 	     echo "     and pass data.root=./data/deb/usr/share/datasets/fashion-mnist"; exit 0; fi; \
-	echo "paws: installing dataset-fashion-mnist with apt-get"; \
-	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+	echo "paws: installing$$need with apt-get"; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$need >/dev/null \
+	    || echo "paws: apt-get could not install$$need; setup goes on (FFCV may be unavailable)"
 
 lint: setup
 	$(BIN)/ruff check .
