@@ -1,4 +1,8 @@
-"""Convert a supported dataset into the toolkit's array-dataset format (``paws convert-dataset``)."""
+"""Convert a supported dataset into the toolkit's array-dataset format (``paws convert-dataset fashion-mnist``).
+
+ImageFolder datasets (ImageNet layout) are converted into FFCV files instead, by
+:mod:`data_tools.convert_imagefolder` (``paws convert-dataset imagefolder SRC_DIR OUT.beton``).
+"""
 
 from __future__ import annotations
 
@@ -31,5 +35,8 @@ def convert_dataset(
     """Dispatch ``paws convert-dataset NAME OUT``; unknown names list the supported ones."""
     key = name.strip().lower()
     if key not in CONVERTERS:
-        raise ValueError(f"cannot convert dataset {name!r}: supported datasets are {sorted(CONVERTERS)}")
+        raise ValueError(
+            f"cannot convert dataset {name!r}: supported datasets are {sorted(CONVERTERS)} (and an ImageNet-layout "
+            "folder into an FFCV file: `paws convert-dataset imagefolder SRC_DIR OUT.beton`)"
+        )
     return CONVERTERS[key](out_dir, root)

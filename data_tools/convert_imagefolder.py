@@ -219,6 +219,16 @@ def _run_ffcv_writer(
 
     # FFCV draws its own tqdm bar; the parent draws a rich one from the shared counter instead.
     ffcv.writer.tqdm = lambda *a, **k: tqdm(*a, **{**k, "disable": True})
+    # Keep FFCV's worker Process objects: their exit codes are the only sign of a worker that died
+    # (mp.active_children() forgets a finished process before a poll could see it).
+    started: list[Any] = []
+
+    class TrackedProcess(ffcv.writer.Process):  # type: ignore[misc, name-defined]
+        def start(self) -> None:
+            super().start()
+            started.append(self)
+
+    ffcv.writer.Process = TrackedProcess
     writer = ffcv.writer.DatasetWriter(
         tmp,
         {"image": RGBImageField(**fields), "label": IntField()},
@@ -228,11 +238,8 @@ def _run_ffcv_writer(
 
     def watch() -> None:
         # FFCV's main loop waits forever for a worker that died; notice it and end this process instead.
-        seen: dict[int, Any] = {}
         while True:
-            for proc in mp.active_children():
-                seen.setdefault(proc.pid, proc)
-            dead = [p for p in seen.values() if p.exitcode not in (None, 0)]
+            dead = [p for p in list(started) if p.exitcode not in (None, 0)]
             if dead:
                 codes = ", ".join(str(p.exitcode) for p in dead)
                 _report_and_exit(
@@ -386,24 +393,27 @@ def _write_beton(
     )
     task = progress.add_task("writing", total=len(paths))
     proc.start()
+
+    def check_failures() -> None:
+        failed = _drain(failures)
+        if failed:
+            path, reason = failed[0]
+            raise ValueError(
+                f"the image {path} passed the check but could not be read while writing ({reason}); did the "
+                "folder change during the conversion? Nothing was written; run the conversion again"
+            )
+
     try:
-        while True:
+        while proc.exitcode is None:
             proc.join(_POLL_S)
-            failed = _drain(failures)
-            if failed:
-                path, reason = failed[0]
-                raise ValueError(
-                    f"the image {path} passed the check but could not be read while writing ({reason}); did the "
-                    "folder change during the conversion? Nothing was written; run the conversion again"
-                )
+            check_failures()  # at once: a placeholder image must never reach the final file
             progress.update(task, completed=min(counter.value, len(paths)))
             progress.refresh()
-            if proc.exitcode is not None:
-                break
+        check_failures()  # a report flushed just before the writer exited
         messages = _drain(status)
         if proc.exitcode != 0:
             why = messages[0] if messages else f"the FFCV writer process exited with code {proc.exitcode}"
-            raise ValueError(f"writing {tmp.name} failed: {why}. Nothing was written")
+            raise ValueError(f"writing the FFCV file failed: {why}. Nothing was written")
     finally:
         if proc.exitcode != 0:  # still running, or died leaving FFCV workers behind in its group
             _stop_group(proc)
