@@ -56,9 +56,9 @@ _MAX_PAGE = 1 << 31  # FFCV's page offsets are uint32
 _POLL_S = 0.1
 
 FFCV_MISSING = (
-    "FFCV is not installed in this environment, and writing a .beton needs it. Install the ffcv extra: "
-    "`make setup` (it needs the Debian packages pkg-config libturbojpeg0-dev libopencv-dev), or "
-    "`python -m pip install -c constraints.txt -e '.[ffcv]'` after installing them. "
+    "FFCV is not installed in this environment, and writing a .beton needs it. Install the project's ffcv extra: "
+    "`make setup` does (it needs the Debian packages pkg-config g++ libturbojpeg0-dev libopencv-dev), or, once "
+    "those are installed, `python -m pip install -c constraints.txt ffcv==1.0.2`. "
     "Without FFCV, train from the folder itself with data.format=folder"
 )
 

@@ -272,12 +272,15 @@ def convert_imagefolder_cmd(
     console.print(
         f"wrote {result.beton}: {result.num_images} images, {len(result.classes)} classes, "
         f"{result.beton_bytes / 2**20:.1f} MiB (write mode {write_mode}, max side {max_resolution or 'kept'}) "
-        f"in {result.seconds:.1f} s; index {result.sidecar}"
+        f"in {result.seconds:.1f} s; index {result.sidecar}",
+        markup=False,  # file names may hold [brackets]
     )
     if result.skipped:
+        from rich.text import Text
+
         table = Table("skipped file", "reason", title=f"{len(result.skipped)} unreadable file(s) skipped")
         for entry in result.skipped[:20]:
-            table.add_row(entry["file"], entry["reason"])
+            table.add_row(Text(entry["file"]), Text(entry["reason"]))
         console.print(table)
         if len(result.skipped) > 20:
             console.print(

@@ -35,7 +35,8 @@ ODD_GOOD = {  # class index -> odd but readable file
     1: "odd_png.JPEG",
     2: "odd_gray.JPEG",
 }
-ODD_BAD = {"odd_truncated.JPEG": 0, "odd_empty.JPEG": 1}  # unreadable file -> class index
+# unreadable file -> class index (the bracketed name checks that reports print names verbatim)
+ODD_BAD = {"odd_truncated.JPEG": 0, "odd_empty.JPEG": 1, "odd [x].JPEG": 2}
 
 
 def _photo(seed: int, size: tuple[int, int] = (60, 45)) -> np.ndarray:
@@ -67,6 +68,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Image.fromarray(_photo(4, (200, 150))).save(buf, format="JPEG", quality=95)
     (train / classes[0] / "odd_truncated.JPEG").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 6 // 10])
     (train / classes[1] / "odd_empty.JPEG").write_bytes(b"")
+    (train / classes[2] / "odd [x].JPEG").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG after all")
     (train / classes[2] / "notes.txt").write_text("not an image: ignored, as by ImageFolder")
     return train
 
@@ -354,12 +356,27 @@ def test_cli_converts_and_reports_skipped_files(source: Path, tmp_path: Path) ->
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"wrote {out}: 15 images, 3 classes" in result.output
-    assert "odd_truncated.JPEG" in result.output and "odd_empty.JPEG" in result.output
+    assert all(name in result.output for name in ODD_BAD), result.output
     assert sc.read_sidecar(out).writer["max_resolution"] == 24
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "already exists; pass --overwrite" in again.output
     stop = CliRunner().invoke(app, [*args[:3], str(tmp_path / "stop.beton"), "--on-bad-file", "stop"])
     assert stop.exit_code == 2 and "odd_truncated.JPEG" in stop.output
+
+
+def test_without_ffcv_the_error_says_how_to_install_it(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ffcv", None)  # `import ffcv` fails, as where the extra is missing
+    with pytest.raises(
+        ValueError, match=r"FFCV is not installed.*make setup.*libturbojpeg0-dev.*data\.format=folder"
+    ):
+        _convert(source, tmp_path / "x.beton")
+    result = CliRunner().invoke(
+        app, ["convert-dataset", "imagefolder", str(source), str(tmp_path / "x.beton")]
+    )
+    assert result.exit_code == 2 and "ffcv==1.0.2" in result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_keeps_fashion_mnist_and_rejects_unknown_kinds(tmp_path: Path) -> None:
