@@ -26,6 +26,17 @@ def load_dataset(cfg: DataSettings) -> ArrayDataset:
     """The configured dataset (Fashion-MNIST is converted once into data.cache_dir when needed)."""
     if cfg.dataset == "fashion_mnist":
         return load_array_dataset(resolve_fmnist(cfg.path, cfg.root, cfg.cache_dir))
+    if cfg.dataset == "imagefolder":
+        raise ValueError(
+            "data.dataset=imagefolder is not an in-memory dataset; its train and evaluation data come from "
+            "paws_cli.data.sources (build_train_data, build_eval_data)"
+        )
+    if cfg.dataset == "cifar10":
+        from paws_cli.data.cifar10 import load_cifar10  # only CIFAR runs need the pickle reader
+
+        if cfg.path is None:
+            raise ValueError("data.dataset=cifar10 needs data.path=<the cifar-10-batches-py folder>")
+        return load_cifar10(cfg.path)
     if cfg.path is None:
         raise ValueError(
             "data.dataset=array needs data.path=DIR (a directory made by `paws convert-dataset`)"
@@ -116,11 +127,18 @@ class TrainData:
         world_size: int = 1,
         rank: int = 0,
         need_unlabelled: bool = True,
+        labelled_description: str = "",
     ) -> None:
         self.settings = settings
         self.device = device
         self.rank = rank
         self.need_unlabelled = need_unlabelled
+        # What the loop reports and builds the model from (the TrainDataLike protocol of data/sources.py).
+        self.name, self.num_classes = dataset.name, dataset.num_classes
+        self.in_chans = image_channels(dataset)
+        self.labelled_description = labelled_description or f"{len(labelled)} labelled images"
+        self.skipped_images = 0  # in-memory images are decoded once, when the dataset is made
+        self._description = describe_dataset(dataset)
         self.images = as_nchw(dataset.train_images)
         if device.type == "cuda":
             self.images = self.images.pin_memory()
@@ -158,6 +176,10 @@ class TrainData:
     @property
     def steps_per_epoch(self) -> int:
         return self.order.steps_per_epoch
+
+    def describe(self) -> str:
+        """One line naming the dataset and its size."""
+        return self._description
 
     def state_dict(self) -> dict[str, dict[str, int]]:
         return {"unlabelled": self.order.state_dict(), "supports": self.supports.state_dict()}
