@@ -138,6 +138,7 @@ class TrainData:
         self.in_chans = image_channels(dataset)
         self.labelled_description = labelled_description or f"{len(labelled)} labelled images"
         self.skipped_images = 0  # in-memory images are decoded once, when the dataset is made
+        self.skipped_files: list[str] = []
         self._description = describe_dataset(dataset)
         self.images = as_nchw(dataset.train_images)
         if device.type == "cuda":

@@ -39,8 +39,11 @@ class TrainDataLike(Protocol):
         labelled_description: where the labelled subset came from, one line.
         name, num_classes, in_chans: the dataset's name, class count and image channels (for the model).
         skipped_images: unreadable images replaced so far (data.bad_images=skip); 0 for in-memory data.
+        skipped_files: some of their paths (a bounded list, for the end-of-run report).
+        device: the training device batches are delivered on.
     """
 
+    device: torch.device
     order: UnlabelledOrder
     supports: SupportSampler
     labelled: Tensor
@@ -49,6 +52,7 @@ class TrainDataLike(Protocol):
     num_classes: int
     in_chans: int
     skipped_images: int
+    skipped_files: list[str]
 
     @property
     def steps_per_epoch(self) -> int:

@@ -8,7 +8,7 @@ queries are the dataset's test split. Checkpoints are read by `paws_cli.checkpoi
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from paws_cli.checkpoints import PretrainedWeights, load_pretrained, resolve_set
 from paws_cli.config import Settings
 from paws_cli.data.arrays import ArrayDataset
 from paws_cli.data.augment import eval_transform
-from paws_cli.data.pipeline import as_nchw, image_channels, labelled_indices, load_dataset
+from paws_cli.data.eval_data import EvalData, build_eval_data
+from paws_cli.data.pipeline import as_nchw
 from paws_cli.eval.neighbours import embed_batches, knn_predict, soft_nn_predict, topk_accuracy
 from paws_cli.io_utils import atomic_write_text
 from paws_cli.methods import create_method
@@ -51,16 +52,17 @@ class KnnResult:
     soft_nn_tau: float
     classifier_top1: float | None = None
     classifier_top5: float | None = None
+    unreadable_images: int = 0  # left out of the bank or the queries (data.bad_images=skip)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def rebuild_model(
-    state: dict[str, Any], settings: Settings, dataset: ArrayDataset, source: str
+    state: dict[str, Any], settings: Settings, dataset: EvalData, source: str
 ) -> torch.nn.Module:
     """The trained model of a checkpoint, weights loaded strictly."""
-    method = create_method(settings, in_chans=image_channels(dataset), num_classes=dataset.num_classes)
+    method = create_method(settings, in_chans=dataset.in_chans, num_classes=dataset.num_classes)
     model = method.build_model()
     load_state_strict(model, state["model"], source)
     return model.eval()
@@ -72,7 +74,7 @@ def _normalised(images: np.ndarray, dataset: ArrayDataset) -> Tensor:
 
 def evaluate_checkpoint(state: dict[str, Any], settings: Settings, source: str) -> KnnResult:
     """Evaluate a toolkit checkpoint's state (as read by ``load_checkpoint``) with its own labelled bank."""
-    dataset = load_dataset(settings.data)
+    dataset = build_eval_data(settings)
     labelled = state["labelled"].numpy()
     if labelled.max() >= len(dataset.train_labels):
         raise ValueError(
@@ -98,23 +100,38 @@ def evaluate_pretrained(weights: PretrainedWeights, settings: Settings) -> KnnRe
             "labelled_source": weights.meta.get("labelled_source") or "stored in the checkpoint",
         }
         return evaluate_checkpoint(state, settings, source)
-    dataset = load_dataset(settings.data)
-    if image_channels(dataset) != weights.architecture.in_chans:
+    dataset = build_eval_data(settings)
+    if dataset.in_chans != weights.architecture.in_chans:
         raise ValueError(
             f"{source} expects {weights.architecture.in_chans}-channel images but {dataset.name} has "
-            f"{image_channels(dataset)}; evaluate it on the data it was trained for (check data.*)"
+            f"{dataset.in_chans}; evaluate it on the data it was trained for (check data.*)"
         )
-    labelled, description = labelled_indices(settings.data, dataset)
+    labelled, description = dataset.labelled(settings.data)
     model = PAWSModel(weights.build_encoder()).eval()
     return _evaluate(
         model, settings, dataset, labelled, f"labelled subset from the settings: {description}", source
     )
 
 
+def embed_all(
+    fns: Sequence[Callable[[Tensor], Tensor]], batches: Iterable[tuple[Tensor, Tensor]]
+) -> tuple[list[Tensor], Tensor]:
+    """Each of ``fns`` over every batch of (images, labels) in one pass: ([(N, D_f) per fn], labels (N,))."""
+    outs: list[list[Tensor]] = [[] for _ in fns]
+    labels = []
+    for images, y in batches:
+        for out, fn in zip(outs, fns, strict=True):
+            out.append(embed_batches(fn, images, len(images)))
+        labels.append(y)
+    if not labels:
+        raise ValueError("there are no images to embed (all were unreadable, or none was selected)")
+    return [torch.cat(out) for out in outs], torch.cat(labels)
+
+
 def _evaluate(
     model: torch.nn.Module,
     settings: Settings,
-    dataset: ArrayDataset,
+    dataset: EvalData,
     labelled: np.ndarray,
     bank_description: str,
     source: str,
@@ -123,18 +140,17 @@ def _evaluate(
     which = settings.eval.embedding
     if which == "auto":
         which = "prediction" if encoder.prediction is not None else "projection"
-    device = torch.device("cpu")
     batch = settings.eval.batch_size
 
     def embed(x: Tensor) -> Tensor:
         return encoder.embed(x, which)
 
-    bank_images = _normalised(dataset.train_images[labelled], dataset)
-    test_images = _normalised(dataset.test_images, dataset)
-    bank = embed_batches(embed, bank_images, batch, device=device)
-    queries = embed_batches(embed, test_images, batch, device=device)
-    bank_labels = torch.as_tensor(np.asarray(dataset.train_labels)[labelled], dtype=torch.long)
-    targets = torch.as_tensor(np.asarray(dataset.test_labels), dtype=torch.long)
+    # One pass over each image set (folder data decodes JPEGs); the classifier, if any, scores the same batches.
+    classifier = getattr(model, "classifier", None)
+    (bank,), bank_labels = embed_all([embed], dataset.train_batches(labelled, batch))
+    query_fns = [embed, model] if classifier is not None else [embed]
+    query_outputs, targets = embed_all(query_fns, dataset.query_batches(batch))
+    queries = query_outputs[0]
     ev = settings.eval
     soft = topk_accuracy(
         soft_nn_predict(queries, bank, bank_labels, dataset.num_classes, tau=ev.soft_nn_tau), targets
@@ -149,7 +165,7 @@ def _evaluate(
         method=settings.method,
         dataset=dataset.name,
         bank=bank_description,
-        bank_size=len(labelled),
+        bank_size=len(bank_labels),
         queries=len(targets),
         embedding=which,
         embedding_dim=int(bank.shape[1]),
@@ -160,11 +176,10 @@ def _evaluate(
         knn_k=knn_k,
         knn_temperature=ev.knn_temperature,
         soft_nn_tau=ev.soft_nn_tau,
+        unreadable_images=len(dataset.dropped),
     )
-    classifier = getattr(model, "classifier", None)
     if classifier is not None:
-        logits = embed_batches(model, test_images, batch, device=device)
-        acc = topk_accuracy(logits, targets)
+        acc = topk_accuracy(query_outputs[1], targets)
         result.classifier_top1, result.classifier_top5 = acc[1], acc[5]
     return result
 

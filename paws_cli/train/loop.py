@@ -23,10 +23,10 @@ import torch
 from rich.console import Console
 
 from paws_cli.config import Settings
-from paws_cli.data.pipeline import TrainData, describe_dataset, image_channels, labelled_indices, load_dataset
+from paws_cli.data.sources import TrainDataLike, build_train_data
 from paws_cli.data.splits import write_split
 from paws_cli.distributed import max_over_processes, mean_over_processes
-from paws_cli.methods import create_method
+from paws_cli.methods import METHODS, create_method
 from paws_cli.optim import StepSchedule, create_optimizer
 from paws_cli.train.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
 from paws_cli.train.distributed_setup import (
@@ -117,7 +117,7 @@ def describe_compute(settings: Settings, ctx: DistContext) -> str:
     return ", ".join(parts)
 
 
-def describe_globals(settings: Settings, data: TrainData, world: int, total_steps: int) -> list[str]:
+def describe_globals(settings: Settings, data: TrainDataLike, world: int, total_steps: int) -> list[str]:
     """The resolved global numbers a user checks before spending GPU-hours."""
     o, s, a = settings.optim, settings.support, settings.augment
     lines = [
@@ -171,22 +171,23 @@ def train(
     # Rank 0 applies the run-directory policy and converts the dataset into the cache; the others wait for it.
     path = run_dir_of(settings, default_name)
     run_dir = main_first(ctx, lambda: prepare_run_dir(path, resume=resume, overwrite=overwrite), lambda: path)
-    dataset = main_first(ctx, lambda: load_dataset(settings.data))
-    labelled, split_description = labelled_indices(settings.data, dataset)
-    method = create_method(settings, in_chans=image_channels(dataset), num_classes=dataset.num_classes)
+    # data.format picks the back end (in-memory arrays, JPEG folder, FFCV); see paws_cli.data.sources.
+    data = main_first(
+        ctx,
+        lambda: build_train_data(
+            settings,
+            device=device,
+            world_size=world,
+            rank=ctx.rank,
+            need_unlabelled=METHODS[settings.method].needs_unlabelled,
+        ),
+    )
+    split_description = data.labelled_description
+    method = create_method(settings, in_chans=data.in_chans, num_classes=data.num_classes)
     model = method.build_model().to(device)
     if settings.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = wrap_model(model, ctx, settings.model)
-    data = TrainData(
-        settings,
-        dataset,
-        labelled,
-        device=device,
-        world_size=world,
-        rank=ctx.rank,
-        need_unlabelled=method.needs_unlabelled,
-    )
     optimizer = create_optimizer(getattr(model, "module", model), settings.optim)
     steps_per_epoch = data.steps_per_epoch
     total_steps = max(round(settings.optim.epochs * steps_per_epoch), 1)
@@ -201,12 +202,12 @@ def train(
         write_resolved_config(run_dir, settings)
         write_split(
             run_dir / "labelled.txt",
-            labelled.tolist(),
-            {"dataset": dataset.name, "source": split_description},
+            data.labelled.tolist(),
+            {"dataset": data.name, "source": split_description},
         )
         console.print(f"[bold]paws {settings.method}[/] -> {run_dir}")
         console.print(f"compute: {describe_compute(settings, ctx)}")
-        console.print(f"data: {describe_dataset(dataset)}; labelled: {split_description}")
+        console.print(f"data: {data.describe()}; labelled: {split_description}")
         console.print(data.supports.describe())
         for line in describe_globals(settings, data, world, total_steps):
             console.print(f"  {line}")
@@ -276,6 +277,8 @@ def train(
                 steps_this_session += 1
                 if step % run.log_every == 0 or step == last_stop:
                     values = {k: round(v, 6) for k, v in mean_over_processes(logs).items()}
+                    if data.skipped_images:  # unreadable images replaced so far (this process's count)
+                        values["skipped_images"] = data.skipped_images
                     speed = images_per_step * steps_this_session / max(train_seconds, 1e-9)
                     record = {
                         "step": step,
@@ -309,6 +312,15 @@ def train(
     for writer in (step_log, epoch_log):
         if writer:
             writer.close()
+    unreadable = round(mean_over_processes({"n": float(data.skipped_images)})["n"] * world)
+    if main and unreadable:
+        console.print(
+            f"warning: {unreadable} unreadable image(s) were replaced by others of their batch "
+            f"(data.bad_images=skip), e.g. {data.skipped_files[:3]}",
+            style="yellow",
+            markup=False,  # file names may hold brackets
+            highlight=False,
+        )
     barrier()  # nobody returns (and reads the checkpoint, or resumes) before rank 0 has written it
     speed = images_per_step * steps_this_session / max(train_seconds, 1e-9)
     return TrainResult(
@@ -328,7 +340,7 @@ def _checkpoint_state(
     settings: Settings,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    data: TrainData,
+    data: TrainDataLike,
     scaler: torch.amp.GradScaler | None,
     step: int,
     epoch: int,
@@ -362,7 +374,7 @@ def _resume(
     settings: Settings,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    data: TrainData,
+    data: TrainDataLike,
     scaler: torch.amp.GradScaler | None,
 ) -> int:
     """Restore everything from `path`; return the step to continue from."""
