@@ -11,6 +11,7 @@ grayscale, Gaussian blur, solarize, equalize, then normalisation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -174,12 +175,29 @@ def sample_view_params(
         raise ValueError(f"need at least one image and one view, got num_images={num_images}, count={count}")
     n = num_images * count
     boxes = random_resized_crop_boxes(n, height, width, spec.scale, spec.ratio, generator)
-    u = _uniform(generator, n, 15)
+    return _params_from_uniforms(torch.arange(n) % num_images, boxes, _uniform(generator, n, 15), spec)
+
+
+def sample_colour_params(n: int, spec: ViewSpec, generator: torch.Generator) -> ViewParams:
+    """Draw only the photometric parameters of ``n`` views whose crops and flips were made elsewhere.
+
+    For views cropped and flipped before they reach the device (the FFCV back end's decoder): ``source`` is
+    ``arange(n)`` and ``boxes``/``flip`` are placeholders (full zeros, all False) that :func:`apply_colour_params`
+    never reads. The draws of one row follow the same law as in :func:`sample_view_params`.
+    """
+    if n < 1:
+        raise ValueError(f"need at least one view, got n={n}")
+    params = _params_from_uniforms(torch.arange(n), torch.zeros(n, 4), _uniform(generator, n, 15), spec)
+    return dataclasses.replace(params, flip=torch.zeros(n, dtype=torch.bool))
+
+
+def _params_from_uniforms(source: Tensor, boxes: Tensor, u: Tensor, spec: ViewSpec) -> ViewParams:
+    """Turn 15 U[0, 1) draws per row into the row's flip/jitter/grayscale/blur/solarize/equalize parameters."""
     ranges = torch.tensor(spec.jitter_ranges(), dtype=torch.float64)  # (4, 2)
     factors = ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * u[:, 0:4]
     sig_lo, sig_hi = spec.blur_sigma
     return ViewParams(
-        source=torch.arange(n) % num_images,
+        source=source,
         boxes=boxes,
         flip=u[:, 4] < spec.flip_p,
         jitter=u[:, 5] < spec.jitter_p,
@@ -234,6 +252,19 @@ def apply_view_params(images: Tensor, params: ViewParams, spec: ViewSpec) -> Ten
         raise ValueError(f"images must have 1 or 3 channels, got {channels}")
     views = crop_resize(images, params.boxes, spec.size, params.source)
     views = _apply_where(views, params.flip, lambda x: x.flip(-1))
+    return apply_colour_params(views, params, spec)
+
+
+def apply_colour_params(views: Tensor, params: ViewParams, spec: ViewSpec) -> Tensor:
+    """The photometric part of a view: colour jitter, grayscale, blur, solarize, equalize (no crop or flip).
+
+    ``views`` is float (n, C, s, s) in [0, 1] with one row per row of ``params``; rows may be updated in place.
+    """
+    channels = views.shape[1]
+    if channels not in (1, 3):
+        raise ValueError(f"views must have 1 or 3 channels, got {channels}")
+    if views.shape[0] != params.jitter.shape[0]:
+        raise ValueError(f"{views.shape[0]} views but parameters for {params.jitter.shape[0]}")
     views = _color_jitter(views, params)
     if channels == 3:
         views = _apply_where(views, params.grayscale, color_ops.rgb_to_grayscale)
