@@ -59,6 +59,7 @@ def user_errors(fn: F) -> F:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from paws_cli.train.checkpoint import CheckpointError
+        from paws_cli.train.loop import NonFiniteLossError
         from paws_cli.train.rundir import RunDirError
 
         try:
@@ -67,6 +68,7 @@ def user_errors(fn: F) -> F:
             ConfigError,
             CheckpointError,
             RunDirError,
+            NonFiniteLossError,
             ValueError,
             FileNotFoundError,
             NotADirectoryError,

@@ -26,12 +26,42 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
-    """Atomically write `state` (plus format tags) to `path`."""
+    """Atomically write `state` (plus format tags) to `path`.
+
+    A failed write (full disk, quota, I/O error) leaves the previous file at `path` untouched and raises a
+    CheckpointError that says so.
+    """
     path = Path(path)
     payload = {"format": FORMAT, "version": VERSION, **state}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    try:
+        # Through a Python file object: a failed write then raises OSError with its errno (torch's own file
+        # writer reports a full disk as an opaque "unexpected pos" RuntimeError).
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+    except (OSError, RuntimeError) as exc:
+        cause = _os_error_in(exc)
+        if cause is None:
+            raise
+        reason = cause.strerror or str(cause)
+        raise CheckpointError(
+            f"could not write checkpoint '{path}' ({reason}); "
+            + ("the previous checkpoint there is intact" if path.exists() else "no checkpoint was written")
+            + ". Free disk space or fix the folder's permissions, then continue with --resume."
+        ) from exc
     return path
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`: torch.save's zip writer, failing to finish the file after a write error,
+    raises a RuntimeError of its own with the OSError only as its context."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -38,7 +38,15 @@ from paws_cli.train.distributed_setup import (
     wrap_model,
 )
 from paws_cli.train.progress import TrainProgress
-from paws_cli.train.rundir import CHECKPOINT, JsonlWriter, prepare_run_dir, run_dir_of, write_resolved_config
+from paws_cli.train.rundir import (
+    CHECKPOINT,
+    JsonlWriter,
+    prepare_run_dir,
+    release_run_dir,
+    run_dir_of,
+    trim_logs,
+    write_resolved_config,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -153,8 +161,20 @@ def train(
     """Train `settings.method` in this process, or in each of torchrun's processes (one per GPU).
 
     resume: continue the run in its directory from checkpoint.pt (on any number of processes that keeps the
-    global batch); overwrite: start again in an existing run directory.
+    global batch); overwrite: start again in an existing run directory. The run directory stays locked
+    against other processes until this returns or raises.
     """
+    try:
+        return _train(
+            settings, resume=resume, overwrite=overwrite, console=console, default_name=default_name
+        )
+    finally:
+        release_run_dir(run_dir_of(settings, default_name))
+
+
+def _train(
+    settings: Settings, *, resume: bool, overwrite: bool, console: Console | None, default_name: str
+) -> TrainResult:
     console = console or Console()
     run = settings.run
     ctx = init_distributed(run)
@@ -170,7 +190,9 @@ def train(
     # --- data, model, optimiser ---
     # Rank 0 applies the run-directory policy and converts the dataset into the cache; the others wait for it.
     path = run_dir_of(settings, default_name)
-    run_dir = main_first(ctx, lambda: prepare_run_dir(path, resume=resume, overwrite=overwrite), lambda: path)
+    run_dir = main_first(
+        ctx, lambda: prepare_run_dir(path, resume=resume, overwrite=overwrite, lock=True), lambda: path
+    )
     # data.format picks the back end (in-memory arrays, JPEG folder, FFCV); see paws_cli.data.sources.
     data = main_first(
         ctx,
@@ -196,8 +218,17 @@ def train(
 
     step = 0
     checkpoint_path = run_dir / CHECKPOINT
+    resumed: dict[str, Any] = {}
+    last_good: Path | None = None  # the checkpoint this run can go back to (a non-finite loss names it)
     if resume:
-        step = _resume(checkpoint_path, settings, model, optimizer, data, scaler)
+        resumed = _resume(checkpoint_path, settings, model, optimizer, data, scaler)
+        step, last_good = int(resumed["step"]), checkpoint_path
+        if main:
+            trim_logs(run_dir, step)  # steps a killed run logged after its checkpoint are trained again
+    # Non-finite steps skipped so far; run.skip_nonfinite_steps bounds them over the whole run, resumes included.
+    skipped = int(resumed.get("nonfinite_skipped", 0))
+    # A checkpoint taken inside an epoch carries that epoch's metric sums so far (averaged over processes).
+    partial: dict[str, Any] = dict(resumed.get("epoch_partial") or {})
     if main:
         write_resolved_config(run_dir, settings)
         write_split(
@@ -240,8 +271,10 @@ def train(
         last_epoch_index = sys.maxsize if unbounded else math.ceil(total_steps / steps_per_epoch)
         for epoch in range(step // steps_per_epoch, last_epoch_index):
             model.train()
-            sums: dict[str, torch.Tensor] = {}
-            count = 0
+            # Steps of this epoch, those with a finite loss, and the sums of their logged values.
+            sums: dict[str, Any] = dict(partial.get("sums", {}))
+            count, finite = int(partial.get("count", 0)), int(partial.get("finite", 0))
+            partial = {}
             batches = data.epoch(epoch, first_step=step)
             while True:
                 t0 = time.perf_counter()
@@ -249,6 +282,9 @@ def train(
                 if batch is None:
                     break
                 t1 = time.perf_counter()
+                # A step that may be skipped must be undoable: its forward updates BatchNorm's running stats.
+                may_skip = skipped < run.skip_nonfinite_steps
+                buffers = [b.detach().clone() for b in model.buffers()] if may_skip else []
                 with autocast_for(device, run.precision):
                     loss, logs = method.loss(model, batch)
                 # One collective decides for every process: any loss non-finite, and the budget time spent.
@@ -259,18 +295,32 @@ def train(
                     lr = schedule.set_progress(min(elapsed / run.time_budget_s, 1.0))
                 else:
                     lr = schedule.set(step)
-                if bad:
+                if bad and not may_skip:
+                    after = f" after skipping {skipped} (run.skip_nonfinite_steps={run.skip_nonfinite_steps})"
                     raise NonFiniteLossError(
                         f"the loss is {loss.item()} at step {step} (epoch {epoch}, lr {lr:.4g}) on rank "
-                        f"{ctx.rank} (or another process); last good "
-                        f"checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none yet'}. Lower optim.lr "
-                        "or check the data; resume with --resume after fixing the settings."
+                        f"{ctx.rank} (or another process){after if skipped else ''}; last good checkpoint: "
+                        f"{last_good or 'none yet'} (kept). Lower optim.lr or check the data, then continue "
+                        "from it with --resume, or allow a few bad steps with run.skip_nonfinite_steps=N."
                     )
-                backward_and_step(loss, optimizer, scaler)
+                if bad:
+                    # Skipped on every process alike (the flag is all-reduced): no update, statistics restored.
+                    skipped += 1
+                    with torch.no_grad():
+                        for buffer, saved in zip(model.buffers(), buffers, strict=True):
+                            buffer.copy_(saved)
+                    if main:
+                        console.print(
+                            f"[yellow]warning: non-finite loss at step {step} (lr {lr:.4g}); step skipped "
+                            f"({skipped} of run.skip_nonfinite_steps={run.skip_nonfinite_steps})[/]"
+                        )
+                else:
+                    backward_and_step(loss, optimizer, scaler)
+                    finite += 1
+                    for key, value in logs.items():
+                        sums[key] = sums.get(key, 0.0) + value
                 step += 1
                 count += 1
-                for key, value in logs.items():
-                    sums[key] = sums.get(key, 0.0) + value
                 t2 = time.perf_counter()
                 data_seconds += t1 - t0
                 train_seconds += t2 - t0
@@ -286,6 +336,7 @@ def train(
                         "lr": lr,
                         **values,
                         "images_per_s": round(speed, 1),
+                        **({"skipped_nonfinite": skipped} if skipped else {}),
                     }
                     if step_log:
                         step_log.write(record)
@@ -294,8 +345,26 @@ def train(
                 if step >= last_stop or budget_spent:
                     stop = True
                     break
+                if (
+                    run.checkpoint_every_steps
+                    and step % run.checkpoint_every_steps == 0
+                    and step % steps_per_epoch
+                ):
+                    # 'latest' inside an epoch (epoch ends save below): a killed job loses at most N steps.
+                    totals = mean_over_processes(sums)  # every process takes this branch at the same step
+                    if main:
+                        state = _checkpoint_state(
+                            settings, model, optimizer, data, scaler, step, epoch, False
+                        )
+                        state["labelled_source"] = split_description
+                        state["nonfinite_skipped"] = skipped
+                        state["epoch_partial"] = {"count": count, "finite": finite, "sums": totals}
+                        save_checkpoint(checkpoint_path, state)
+                    last_good = checkpoint_path
+            totals = mean_over_processes(sums) if count else {}
             if count:
-                last_epoch = {k: v / count for k, v in mean_over_processes(sums).items()}
+                last_epoch = {k: v / finite for k, v in totals.items()} if finite else {}
+                last_good = checkpoint_path  # rank 0 saves it just below
             epoch_done = not stop or step % steps_per_epoch == 0
             if main and count:
                 record = {"epoch": epoch, "step": step, "complete": epoch_done, **last_epoch}
@@ -303,6 +372,9 @@ def train(
                 progress.epoch_summary(epoch, last_epoch)
                 state = _checkpoint_state(settings, model, optimizer, data, scaler, step, epoch, epoch_done)
                 state["labelled_source"] = split_description
+                state["nonfinite_skipped"] = skipped
+                if not epoch_done:
+                    state["epoch_partial"] = {"count": count, "finite": finite, "sums": totals}
                 save_checkpoint(checkpoint_path, state)
                 every = run.checkpoint_every
                 if every and epoch_done and (epoch + 1) % every == 0:
@@ -352,13 +424,26 @@ def _checkpoint_state(
         "model": getattr(model, "module", model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "data": data.state_dict(),
+        "data": _at_position(data.state_dict(), epoch, step - epoch * data.steps_per_epoch),
         "labelled": data.labelled.clone(),
         "world_size": data.order.world_size,
-        "rng": {"torch": torch.get_rng_state()},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state(data.device)} if data.device.type == "cuda" else {}),
+        },
         "step": step,
         "epoch": epoch,
         "epoch_complete": epoch_done,
+    }
+
+
+def _at_position(state: dict[str, Any], epoch: int, position: int) -> dict[str, Any]:
+    """Sampler states placed at the batches actually trained: a prefetching loader may have drawn ahead."""
+    return {
+        name: {**part, "epoch": epoch, "position": position}
+        if isinstance(part, dict) and "position" in part
+        else part
+        for name, part in state.items()
     }
 
 
@@ -376,8 +461,8 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     data: TrainDataLike,
     scaler: torch.amp.GradScaler | None,
-) -> int:
-    """Restore everything from `path`; return the step to continue from."""
+) -> dict[str, Any]:
+    """Restore everything from `path`; return the checkpoint (its step is where training continues)."""
     state = load_checkpoint(path)
     saved = Settings.model_validate(state["settings"]).model_dump(mode="json")
     now = settings.model_dump(mode="json")
@@ -407,7 +492,9 @@ def _resume(
             hint = f" (settings: {', '.join(PER_PROCESS_SIZES)}, per process)"
         raise CheckpointError(f"cannot resume from {path}: {exc}{hint}") from None
     torch.set_rng_state(state["rng"]["torch"])
-    return int(state["step"])
+    if "cuda" in state["rng"] and data.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], data.device)
+    return state
 
 
 def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:

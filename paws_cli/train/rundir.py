@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import socket
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
@@ -13,7 +15,15 @@ from typing import IO, Any
 from paws_cli.config import Settings, settings_to_yaml
 from paws_cli.io_utils import atomic_write_text
 
+try:  # POSIX advisory locks; where fcntl is missing (Windows) runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
 CHECKPOINT = "checkpoint.pt"
+LOCK = ".lock"
+#: The logs a run appends to; a resumed run drops their records beyond its checkpoint's step.
+LOGS = ("metrics.jsonl", "epochs.jsonl")
 
 
 class RunDirError(ValueError):
@@ -24,21 +34,103 @@ def run_dir_of(settings: Settings, default_name: str) -> Path:
     return Path(settings.run.out_dir) / (settings.run.name or default_name)
 
 
-def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
-    """Create the run directory; refuse to train over an existing run unless resuming or overwriting."""
+# Run directories locked by this process, by resolved path. The kernel drops a flock when its process dies
+# (SIGKILL included), so a lock never outlives its run; within one process a second `train` call on the same
+# directory (tests, a notebook after a failed run) reuses the lock instead of refusing itself.
+_HELD: dict[Path, IO[str]] = {}
+
+
+def _acquire_lock(path: Path) -> bool:
+    """Lock `path` for this process; True when newly acquired, False when this process already held it."""
+    key = path.resolve()
+    if key in _HELD or fcntl is None:
+        return False
+    fh = (path / LOCK).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise RunDirError(
+            f"run directory {path} is in use by a running job ({holder}); two runs must not write to one "
+            "directory. Wait for it to end (or stop it), or choose another run.name"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+    fh.flush()
+    _HELD[key] = fh
+    return True
+
+
+def release_run_dir(path: Path) -> None:
+    """Give up this process's lock on `path` (no-op when it holds none)."""
+    fh = _HELD.pop(path.resolve(), None)
+    if fh is not None:
+        fh.close()  # closing the file releases the flock
+
+
+def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool, lock: bool = False) -> Path:
+    """Create the run directory; refuse to train over an existing run unless resuming or overwriting.
+
+    A directory that another live process has locked is refused whatever the flags. lock=True keeps this
+    process's lock until `release_run_dir` (the training loop); otherwise the lock is only checked (e.g. when
+    submitting a job that will lock it itself). Temporary files of a checkpoint write that a killed run left
+    behind are removed.
+    """
     checkpoint = path / CHECKPOINT
     if resume and not checkpoint.is_file():
         raise RunDirError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
-    if not resume and not overwrite and (checkpoint.exists() or (path / "metrics.jsonl").exists()):
-        raise RunDirError(
-            f"run directory {path} already holds a run; pass --resume to continue it, --overwrite to start "
-            "again in it, or choose another run.name"
-        )
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"run directory {path} is a file; choose another run.name or run.out_dir")
     path.mkdir(parents=True, exist_ok=True)
-    if overwrite and not resume:
-        for name in ("metrics.jsonl", "epochs.jsonl"):
-            (path / name).unlink(missing_ok=True)
+    acquired = _acquire_lock(path)
+    try:
+        if not resume and not overwrite and (checkpoint.exists() or (path / "metrics.jsonl").exists()):
+            raise RunDirError(
+                f"run directory {path} already holds a run; pass --resume to continue it, --overwrite to start "
+                "again in it, or choose another run.name"
+            )
+        if overwrite and not resume:
+            for name in LOGS:
+                (path / name).unlink(missing_ok=True)
+        # atomic_path names its temporaries .STEM.RANDOM.tmpSUFFIX; under the lock nobody else is writing.
+        for stale in path.glob(".*.tmp.*"):
+            stale.unlink(missing_ok=True)
+    except BaseException:
+        if acquired:
+            release_run_dir(path)
+        raise
+    if acquired and not lock:
+        release_run_dir(path)
     return path
+
+
+def trim_logs(path: Path, last_step: int) -> None:
+    """Drop log records beyond `last_step` (and a torn last line) from a run's JSONL logs before resuming.
+
+    A run killed after its last checkpoint logged steps that the resumed run trains again; without this
+    they would appear twice.
+    """
+    for name in LOGS:
+        log = path / name
+        if not log.is_file():
+            continue
+        kept = []
+        for line in log.read_text(encoding="utf-8").splitlines(keepends=True):
+            if not line.endswith("\n"):
+                break  # the write the kill interrupted
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise RunDirError(
+                    f"{log} has a line that is not JSON ({line[:80]!r}); fix or remove the line, then resume"
+                ) from None
+            if int(record.get("step", 0)) <= last_step:
+                kept.append(line)
+        atomic_write_text(log, "".join(kept))
 
 
 def _git_commit() -> str | None:
