@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,10 +300,15 @@ class _StepKeys:
     """
 
     def __init__(self, data: FolderTrainData) -> None:
-        self.data = data
+        # A weak reference: a cycle data -> loader -> sampler -> data would keep the DataLoader and its worker
+        # processes (and every file descriptor they inherited, such as the run directory's lock) alive after
+        # training until the garbage collector happens to run.
+        self._data = weakref.ref(data)
 
     def __iter__(self) -> Iterator[list[Key]]:
-        data = self.data
+        data = self._data()
+        if data is None:
+            return
         step = data._first_step
         for unlabelled, supports in zip(data.order, data.supports, strict=False):
             keys = []
