@@ -47,8 +47,11 @@ _HOW_TO_GET = (
     "data.path to its cifar-10-batches-py folder"
 )
 
-# The globals a numpy array pickle may name (old numpy.core and numpy 2's numpy._core spellings).
+# The globals a numpy array pickle may name (old numpy.core and numpy 2's numpy._core spellings), and the two
+# harmless builtins pickles use for raw bytes (protocol 2 from Python 3: _codecs.encode; protocol 5: bytearray).
 _ALLOWED = {
+    ("_codecs", "encode"),
+    ("builtins", "bytearray"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"),
