@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -41,14 +42,19 @@ _HELD: dict[Path, IO[str]] = {}
 
 
 def _acquire_lock(path: Path) -> bool:
-    """Lock `path` for this process; True when newly acquired, False when this process already held it."""
+    """Lock `path` for this process; True when newly acquired, False when this process already held it (or
+    the file system cannot lock). Raises RunDirError when another live process holds it."""
     key = path.resolve()
     if key in _HELD or fcntl is None:
         return False
     fh = (path / LOCK).open("a+", encoding="utf-8")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            # The file system cannot lock (e.g. Lustre mounted without flock): run unlocked rather than refuse.
+            fh.close()
+            return False
         fh.seek(0)
         holder = fh.read().strip() or "another process"
         fh.close()
