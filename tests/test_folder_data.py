@@ -1,6 +1,7 @@
 """ImageFolder data (data.format=folder): the folder index, the per-view pipeline, batches from DataLoader
 workers (shapes, normalisation, independence, worker-count and resume invariance, distributed sharding), split
-resolution, unreadable images, the evaluation data, and a short `paws pretrain` + `paws knn-eval` on a folder.
+resolution, unreadable images, the evaluation data, fine-tuning's folder batches and splits, and a short
+`paws pretrain` (with a mid-epoch resume) + `paws knn-eval` + `paws finetune` on a folder.
 
 Everything runs on a small ImageNet-layout folder of real JPEGs (tests/imagefolder_fixture.py).
 """
@@ -26,6 +27,7 @@ from paws_cli.data.augment import ViewSpec
 from paws_cli.data.eval_data import FolderEvalData, build_eval_data, folder_eval_transform
 from paws_cli.data.sampler import UnlabelledOrder
 from paws_cli.data.sources import TrainDataLike, build_train_data
+from paws_cli.finetune.data import FinetuneData, FolderFinetuneBatches, make_finetune_splits
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(fd.IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -457,11 +459,54 @@ def test_eval_data_errors(dataset_root: Path, tmp_path: Path) -> None:
         build_eval_data(settings)
 
 
+# ----------------------------------------------------------------------------------------------- fine-tuning
+
+
+def _finetune_batches(root: Path, workers: int) -> FolderFinetuneBatches:
+    settings = settings_for(root, data__num_workers=workers, finetune__batch_size=4)
+    data = FinetuneData(settings, build_eval_data(settings), np.arange(0, 32, 2), device=CPU)
+    assert isinstance(data.batches, FolderFinetuneBatches)
+    return data.batches
+
+
+def test_folder_finetune_batches_are_functions_of_the_step(dataset_root: Path) -> None:
+    sequential = _finetune_batches(dataset_root, workers=2)
+    assert sequential.steps_per_epoch == 4 and sequential.global_batch == 4
+    runs = [sequential.batch(step) for step in range(6)]
+    for x, _ in runs:
+        assert x.shape == (4, 3, 24, 24) and x.dtype == torch.float32
+    jumped = _finetune_batches(dataset_root, workers=0)
+    x5, y5 = jumped.batch(5)  # straight to step 5, as a resumed run does, without workers
+    assert torch.equal(x5, runs[5][0]) and torch.equal(y5, runs[5][1])
+    x2, _ = jumped.batch(2)  # going back restarts the stream at that step
+    assert torch.equal(x2, runs[2][0])
+    for step, (_, y) in enumerate(runs):  # the labels are those of the images the step selects
+        ids = sequential.indices(step).numpy()
+        assert y.tolist() == sequential.index.labels[ids].tolist()
+    assert not torch.equal(runs[0][0], runs[4][0])  # step 4 revisits epoch 1's images with new views
+
+
+def test_finetune_val_split_names_resolve_on_folders(dataset_root: Path, tmp_path: Path) -> None:
+    index = fd.scan_image_folder(dataset_root / "train")
+    held = [5, 13, 22, 30]  # not in the labelled subset below
+    val = tmp_path / "val.txt"
+    val.write_text("\n".join(Path(index.files[i]).name for i in held) + "\n")
+    settings = settings_for(dataset_root, finetune__val_split=str(val))
+    data = build_eval_data(settings)
+    labelled = np.array([0, 1, 2, 8, 9, 10, 16, 17, 18, 24, 25, 26])
+    splits = make_finetune_splits(settings, data, labelled)
+    assert splits.heldout.tolist() == held and splits.train.tolist() == labelled.tolist()
+    indices = tmp_path / "indices.txt"
+    indices.write_text("5\n13\n")
+    with pytest.raises(ValueError, match=r"lists integer indices.*official:val"):
+        make_finetune_splits(settings_for(dataset_root, finetune__val_split=str(indices)), data, labelled)
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 
 
 @pytest.mark.slow
-def test_pretrain_resume_and_knn_eval_on_a_folder(dataset_root: Path, tmp_path: Path) -> None:
+def test_pretrain_resume_knn_eval_and_finetune_on_a_folder(dataset_root: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     common = [
         "pretrain",
@@ -509,3 +554,14 @@ def test_pretrain_resume_and_knn_eval_on_a_folder(dataset_root: Path, tmp_path: 
     assert evaluation["dataset"] == "imagefolder" and evaluation["queries"] == 2 * NUM_CLASSES
     assert evaluation["bank_size"] == 4 * NUM_CLASSES and evaluation["unreadable_images"] == 0
     assert 0.0 <= evaluation["paws_nn_top1"] <= 100.0
+    finetune_args = ["finetune.epochs=2", "finetune.batch_size=4", "finetune.val_per_class=1", "run.name=ft"]
+    result = runner.invoke(app, ["finetune", str(checkpoint), *finetune_args])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "runs" / "ft" / "finetune.json").read_text())
+    assert report["dataset"] == "imagefolder" and report["complete"]
+    assert (report["train_images"], report["heldout_images"], report["test_images"]) == (
+        12,
+        4,
+        2 * NUM_CLASSES,
+    )
+    assert 0.0 <= report["test_top1"] <= 100.0 and report["selected_epoch"] in (1, 2)

@@ -284,7 +284,26 @@ def collate_batch(samples: list[Sample]) -> dict[str, Any]:
     return out
 
 
-def _worker_init(_: int) -> None:
+def check_failures(raw: Mapping[str, Any], bad_images: str, root: Path) -> list[str]:
+    """The unreadable files of a collated batch (``collate_batch``'s output), or the error data.bad_images asks
+    for: 'stop' names the first file; a role with no readable image at all is an error either way."""
+    failures: list[tuple[str, str]] = raw["failures"]
+    if failures and bad_images == "stop":
+        path, error = failures[0]
+        more = f" (and {len(failures) - 1} more in the same batch)" if len(failures) > 1 else ""
+        raise ValueError(
+            f"cannot read image {path}: {error}{more}. Fix or remove the file, or set data.bad_images=skip "
+            "to replace unreadable images by others of the batch"
+        )
+    if raw["empty"] is not None:
+        raise ValueError(
+            f"no image of a {raw['empty']} batch could be read (e.g. {failures[0][0]}: {failures[0][1]}); "
+            f"check the files under {root}"
+        )
+    return [path for path, _ in failures]
+
+
+def worker_init(_: int) -> None:
     # A process-wide PIL switch: truncated files must fail in the workers whatever a parent had set.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -433,7 +452,7 @@ class FolderTrainData:
                 collate_fn=collate_batch,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=workers > 0,
-                worker_init_fn=_worker_init if workers > 0 else None,
+                worker_init_fn=worker_init if workers > 0 else None,
             )
         return self._loader
 
@@ -443,22 +462,9 @@ class FolderTrainData:
 
     def _finish(self, raw: dict[str, Any]) -> Batch:
         """Account for unreadable images (data.bad_images), then move and normalise the views."""
-        failures: list[tuple[str, str]] = raw["failures"]
-        if failures and self.settings.data.bad_images == "stop":
-            path, error = failures[0]
-            more = f" (and {len(failures) - 1} more in the same batch)" if len(failures) > 1 else ""
-            raise ValueError(
-                f"cannot read image {path}: {error}{more}. Fix or remove the file, or set data.bad_images=skip "
-                "to replace unreadable images by others of the batch"
-            )
-        if raw["empty"] is not None:
-            raise ValueError(
-                f"no image of a {raw['empty']} batch could be read (e.g. {failures[0][0]}: {failures[0][1]}); "
-                f"check the files under {self.index.root}"
-            )
-        self.skipped_images += len(failures)
-        room = 100 - len(self.skipped_files)
-        self.skipped_files += [path for path, _ in failures[: max(room, 0)]]
+        failed = check_failures(raw, self.settings.data.bad_images, self.index.root)
+        self.skipped_images += len(failed)
+        self.skipped_files += failed[: max(100 - len(self.skipped_files), 0)]
         views = [self._normalise(v) for v in raw.get("unlabelled_views", [])]
         supports = [self._normalise(v) for v in raw["support_views"]]
         classes = raw["support_classes"].to(self.device, non_blocking=True)

@@ -9,26 +9,46 @@
   pure functions of (seed, step, rank): a resumed run sees exactly what an uninterrupted one would.
 - Evaluation: ``eval_transform`` at the training size (``EvalGeometry``), top-1/top-5 counted per process and
   summed across processes.
+- ImageFolder data (data.format=folder) is read through ``paws_cli.data.eval_data.FolderEvalData``: training
+  views are rendered by PIL in DataLoader workers (``FolderFinetuneBatches``, the same images per step and the
+  same per-view seeding as pretraining's folder data), evaluation uses the folder evaluation transform, and
+  ``finetune.val_split`` lists file names (ImageNet's official ``val.txt``: ``official:val``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from paws_cli import distributed as dist
 from paws_cli.config import Settings
 from paws_cli.data.arrays import ArrayDataset
 from paws_cli.data.augment import MultiCropAugment, ViewSpec, eval_transform
-from paws_cli.data.pipeline import step_generator
-from paws_cli.data.splits import read_split
+from paws_cli.data.eval_data import EvalData, FolderEvalData, MemoryEvalData
+from paws_cli.data.folder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    UNLABELLED,
+    FolderIndex,
+    FolderViews,
+    Key,
+    check_failures,
+    collate_batch,
+    worker_init,
+)
+from paws_cli.data.pipeline import as_nchw, step_generator
+from paws_cli.data.splits import read_split, resolve_names
 
 #: Salt of the held-out draw, so it differs from the labelled-subset draw made with the same data.split_seed.
 _HELDOUT_SALT = 0x7E1D
@@ -45,19 +65,39 @@ class FinetuneSplits:
     description: str
 
 
-def make_finetune_splits(settings: Settings, dataset: ArrayDataset, labelled: np.ndarray) -> FinetuneSplits:
+def _heldout_ids(path: str, dataset: ArrayDataset | EvalData, num_train: int) -> np.ndarray:
+    """Train-image indices a held-out split file lists: file names for an ImageFolder, indices otherwise."""
+    if isinstance(dataset, FolderEvalData):
+        split = read_split(path)
+        if split.kind != "name":
+            raise ValueError(
+                f"finetune.val_split '{path}' lists integer indices, but ImageFolder data is matched by file name; "
+                "use a file-name split (ImageNet's official held-out list: finetune.val_split=official:val)"
+            )
+        return resolve_names(
+            split,
+            dataset.train.files,
+            dataset=f"the image folder {dataset.train.root}",
+            what=f"finetune.val_split {path}",
+        )
+    split = read_split(path, num_train=num_train)
+    if split.kind != "index":
+        raise ValueError(
+            f"finetune.val_split '{path}' lists file names, but dataset '{dataset.name}' is indexed "
+            "by position; use an index split (e.g. `paws make-splits --val-per-class`)"
+        )
+    return np.asarray(split.ids, dtype=np.int64)
+
+
+def make_finetune_splits(
+    settings: Settings, dataset: ArrayDataset | EvalData, labelled: np.ndarray
+) -> FinetuneSplits:
     """Split the labelled subset into training and held-out images (or read finetune.val_split)."""
     ft = settings.finetune
     labels = np.asarray(dataset.train_labels)
     labelled = np.asarray(labelled, dtype=np.int64)
     if ft.val_split is not None:
-        split = read_split(ft.val_split, num_train=len(labels))
-        if split.kind != "index":
-            raise ValueError(
-                f"finetune.val_split '{ft.val_split}' lists file names, but dataset '{dataset.name}' is indexed "
-                "by position; use an index split (e.g. `paws make-splits --val-per-class`)"
-            )
-        heldout = np.sort(np.asarray(split.ids, dtype=np.int64))
+        heldout = np.sort(_heldout_ids(ft.val_split, dataset, len(labels)))
         overlap = np.intersect1d(heldout, labelled)
         if overlap.size:
             raise ValueError(
@@ -194,21 +234,188 @@ def evaluate(
 
     Each process scores its own shard (every world_size-th image) and the counts are summed.
     """
-    model.eval()
     rank, world = dist.rank(), dist.world_size()
-    counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
     mine = torch.arange(rank, len(labels), world)
-    for start in range(0, len(mine), batch_size):
-        ids = mine[start : start + batch_size]
-        x = eval_transform(images[ids].to(device), mean, std, size=geometry.size, resize=geometry.resize)
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        for start in range(0, len(mine), batch_size):
+            ids = mine[start : start + batch_size]
+            x = eval_transform(images[ids].to(device), mean, std, size=geometry.size, resize=geometry.resize)
+            yield x, labels[ids]
+
+    return evaluate_batches(model, batches(), device=device, autocast=autocast)
+
+
+@torch.inference_mode()
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager[object]],
+) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) over this process's (images, labels) batches, counts summed over processes."""
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    for x, y in batches:
         with autocast():
-            logits = model(x)
+            logits = model(x.to(device, non_blocking=True))
         ranked = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-        hits = ranked.eq(labels[ids].unsqueeze(1))
-        counts += torch.tensor([hits[:, 0].sum().item(), hits.any(dim=1).sum().item(), len(ids)])
+        hits = ranked.eq(y.unsqueeze(1))
+        counts += torch.tensor([hits[:, 0].sum().item(), hits.any(dim=1).sum().item(), len(y)])
     if dist.is_distributed():
         counts = counts.to(device)
         torch_dist.all_reduce(counts)
         counts = counts.cpu()
     total = max(counts[2].item(), 1.0)
     return {"top1": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total}
+
+
+class _FinetuneKeys:
+    """Batch sampler of ``FolderFinetuneBatches``: the keys of every step from ``start`` on (held weakly)."""
+
+    def __init__(self, owner: FolderFinetuneBatches) -> None:
+        self._owner = weakref.ref(owner)
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        owner = self._owner()
+        if owner is None:
+            return
+        for step in itertools.count(owner._start):
+            yield [Key(UNLABELLED, step, i, int(j)) for i, j in enumerate(owner.indices(step).tolist())]
+
+
+class FolderFinetuneBatches(FinetuneBatches):
+    """``FinetuneBatches`` of an ImageFolder: the same images per step, views rendered by PIL in DataLoader
+    workers with per-view seeds (so they do not depend on the worker count or on resuming)."""
+
+    def __init__(
+        self,
+        index: FolderIndex,
+        train: np.ndarray,
+        *,
+        batch_size: int,
+        spec: ViewSpec,
+        seed: int,
+        device: torch.device,
+        world_size: int = 1,
+        rank: int = 0,
+        num_workers: int = 0,
+        bad_images: str = "skip",
+    ) -> None:
+        labels = torch.as_tensor(index.labels, dtype=torch.long)
+        empty = torch.empty(0, 3, 1, 1, dtype=torch.uint8)  # images are read from the folder, not held
+        super().__init__(
+            empty,
+            labels,
+            train,
+            batch_size=batch_size,
+            spec=spec,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            seed=seed,
+            device=device,
+            world_size=world_size,
+            rank=rank,
+        )
+        self.index, self.num_workers, self.bad_images = index, num_workers, bad_images
+        self.views = FolderViews(index, [spec], [], seed, rank)
+        self.mean_t = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.inv_std = 1.0 / torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.skipped_images = 0
+        self._start, self._next = 0, -1
+        self._iterator: Iterator[dict[str, Any]] | None = None
+        self._loader: DataLoader | None = None
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """(normalised views, labels) of this process at global ``step``, on the device."""
+        if self._iterator is None or step != self._next:
+            if self._loader is None:
+                self._loader = DataLoader(
+                    self.views,
+                    batch_sampler=_FinetuneKeys(self),
+                    num_workers=self.num_workers,
+                    collate_fn=collate_batch,
+                    pin_memory=self.device.type == "cuda",
+                    persistent_workers=self.num_workers > 0,
+                    worker_init_fn=worker_init if self.num_workers > 0 else None,
+                )
+            self._start = step
+            self._iterator = iter(self._loader)
+        raw = next(self._iterator)
+        self._next = step + 1
+        self.skipped_images += len(check_failures(raw, self.bad_images, self.index.root))
+        x = raw["unlabelled_views"][0].to(self.device, non_blocking=True).float().div_(255.0)
+        y = raw["unlabelled_classes"].to(self.device, non_blocking=True)
+        return (x - self.mean_t) * self.inv_std, y
+
+
+class FinetuneData:
+    """What fine-tuning reads, for in-memory and ImageFolder data: training batches and scores."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        data: EvalData,
+        train: np.ndarray,
+        *,
+        device: torch.device,
+        world_size: int = 1,
+        rank: int = 0,
+    ) -> None:
+        ft, run = settings.finetune, settings.run
+        self.data, self.device, self.batch_size = data, device, settings.eval.batch_size
+        self.rank, self.world_size = rank, world_size
+        common = {
+            "batch_size": ft.batch_size,
+            "spec": finetune_view_spec(settings),
+            "seed": run.seed,
+            "device": device,
+            "world_size": world_size,
+            "rank": rank,
+        }
+        self.batches: FinetuneBatches
+        if isinstance(data, MemoryEvalData):
+            ds = data.dataset
+            self.images = as_nchw(ds.train_images)
+            self.labels = torch.as_tensor(np.asarray(ds.train_labels), dtype=torch.long)
+            self.mean, self.std = tuple(ds.mean), tuple(ds.std)
+            self.batches = FinetuneBatches(
+                self.images, self.labels, train, mean=self.mean, std=self.std, **common
+            )
+            self.geometry = EvalGeometry.for_images(int(self.images.shape[-1]), settings.augment.large_size)
+        elif isinstance(data, FolderEvalData):
+            self.batches = FolderFinetuneBatches(
+                data.train,
+                train,
+                num_workers=settings.data.num_workers,
+                bad_images=settings.data.bad_images,
+                **common,
+            )
+        else:
+            raise ValueError(f"fine-tuning cannot read {type(data).__name__} data")
+
+    def score(
+        self, model: nn.Module, ids: np.ndarray | None, autocast: Callable[[], AbstractContextManager[object]]
+    ) -> dict[str, float]:
+        """Top-1/top-5 on the train images ``ids`` (held-out selection) or, with None, the test/val images."""
+        if isinstance(self.data, MemoryEvalData):
+            ds = self.data.dataset
+            source = (as_nchw(ds.test_images), torch.as_tensor(np.asarray(ds.test_labels)))
+            if ids is not None:
+                source = (self.images[torch.as_tensor(ids)], self.labels[torch.as_tensor(ids)])
+            return evaluate(
+                model,
+                *source,
+                mean=self.mean,
+                std=self.std,
+                geometry=self.geometry,
+                batch_size=self.batch_size,
+                device=self.device,
+                autocast=autocast,
+            )
+        if ids is None:
+            batches = self.data.query_batches(self.batch_size, rank=self.rank, world_size=self.world_size)
+        else:
+            batches = self.data.train_batches(np.asarray(ids)[self.rank :: self.world_size], self.batch_size)
+        return evaluate_batches(model, batches, device=self.device, autocast=autocast)

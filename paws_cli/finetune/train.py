@@ -24,15 +24,9 @@ from rich.console import Console
 from paws_cli.checkpoints import FINETUNE_KIND, PretrainedWeights
 from paws_cli.config import Settings
 from paws_cli.config.schema import OptimSettings
-from paws_cli.data.pipeline import as_nchw, describe_dataset, image_channels, labelled_indices, load_dataset
+from paws_cli.data.eval_data import build_eval_data
 from paws_cli.data.splits import write_split
-from paws_cli.finetune.data import (
-    EvalGeometry,
-    FinetuneBatches,
-    evaluate,
-    finetune_view_spec,
-    make_finetune_splits,
-)
+from paws_cli.finetune.data import FinetuneData, make_finetune_splits
 from paws_cli.finetune.model import FinetuneModel, build_finetune_model
 from paws_cli.finetune.results import FinetuneResult
 from paws_cli.io_utils import atomic_write_text
@@ -150,13 +144,14 @@ def run_finetune(
     torch.manual_seed(run.seed)
 
     # --- data, model, optimiser ---
-    dataset = main_first(ctx, lambda: load_dataset(settings.data))  # rank 0 converts a dataset once
-    if image_channels(dataset) != weights.architecture.in_chans:
+    # In-memory arrays or an ImageFolder (paws_cli.data.eval_data); rank 0 converts a dataset once.
+    dataset = main_first(ctx, lambda: build_eval_data(settings))
+    if dataset.in_chans != weights.architecture.in_chans:
         raise ValueError(
             f"{weights.path} expects {weights.architecture.in_chans}-channel images but {dataset.name} has "
-            f"{image_channels(dataset)}; fine-tune on the data it was pretrained for (check data.*)"
+            f"{dataset.in_chans}; fine-tune on the data it was pretrained for (check data.*)"
         )
-    labelled, labelled_source = labelled_indices(settings.data, dataset)
+    labelled, labelled_source = dataset.labelled(settings.data)
     splits = make_finetune_splits(settings, dataset, labelled)
     path = run_dir_of(settings, default_name)
     run_dir = main_first(ctx, lambda: prepare_run_dir(path, resume=resume, overwrite=overwrite), lambda: path)
@@ -168,22 +163,10 @@ def run_finetune(
     ).to(device)
     if settings.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    images = as_nchw(dataset.train_images)
-    labels = torch.as_tensor(np.asarray(dataset.train_labels), dtype=torch.long)
-    mean, std = tuple(dataset.mean), tuple(dataset.std)
-    batches = FinetuneBatches(
-        images,
-        labels,
-        splits.train,
-        batch_size=ft.batch_size,
-        spec=finetune_view_spec(settings),
-        mean=mean,
-        std=std,
-        seed=run.seed,
-        device=device,
-        world_size=ctx.world_size,
-        rank=ctx.rank,
+    data = FinetuneData(
+        settings, dataset, splits.train, device=device, world_size=ctx.world_size, rank=ctx.rank
     )
+    batches = data.batches
     spe = batches.steps_per_epoch
     total = max(round(ft.epochs * spe), 1)
     optimizer = create_finetune_optimizer(model, settings)
@@ -195,25 +178,12 @@ def run_finetune(
         if resume
         else _Progress()
     )
-    geometry = EvalGeometry.for_images(int(images.shape[-1]), settings.augment.large_size)
 
     def autocast() -> Any:
         return autocast_for(device, run.precision)
 
     def score(ids: np.ndarray | None) -> dict[str, float]:
-        source = (as_nchw(dataset.test_images), torch.as_tensor(np.asarray(dataset.test_labels)))
-        if ids is not None:
-            source = (images[torch.as_tensor(ids)], labels[torch.as_tensor(ids)])
-        return evaluate(
-            model,
-            *source,
-            mean=mean,
-            std=std,
-            geometry=geometry,
-            batch_size=settings.eval.batch_size,
-            device=device,
-            autocast=autocast,
-        )
+        return data.score(model, ids, autocast)
 
     def state(complete: bool) -> dict[str, Any]:
         return {
@@ -244,7 +214,7 @@ def run_finetune(
         )
         what = "fine-tuning (whole network)" if ft.mode == "full" else "linear probe (frozen backbone)"
         console.print(f"[bold]paws finetune[/]: {what} of {weights.path} ({weights.kind}) -> {run_dir}")
-        console.print(f"data: {describe_dataset(dataset)}; labelled: {labelled_source}")
+        console.print(f"data: {dataset.describe()}; labelled: {labelled_source}")
         pretraining = weights.meta.get("labelled")
         if pretraining is not None and not np.array_equal(np.sort(pretraining.numpy()), np.sort(labelled)):
             console.print(
@@ -338,7 +308,7 @@ def run_finetune(
         train_images=len(splits.train),
         heldout_images=len(splits.heldout),
         heldout_source=splits.description,
-        test_images=len(dataset.test_labels),
+        test_images=len(dataset.query_labels),
         epochs=ft.epochs,
         steps=p.step,
         complete=p.step == total,
