@@ -27,7 +27,15 @@ from torchvision.transforms import functional as TF
 from paws_cli.config.schema import DataSettings, Settings
 from paws_cli.data.arrays import ArrayDataset
 from paws_cli.data.augment import eval_transform
-from paws_cli.data.folder import IMAGENET_MEAN, IMAGENET_STD, decode_rgb, folder_labelled, scan_image_folder
+from paws_cli.data.folder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    collect_before_fork,
+    decode_rgb,
+    folder_labelled,
+    scan_image_folder,
+    worker_init,
+)
 from paws_cli.data.pipeline import as_nchw, describe_dataset, image_channels, labelled_indices, load_dataset
 
 Batches = Iterator[tuple[Tensor, Tensor]]
@@ -210,11 +218,14 @@ class FolderEvalData(EvalData):
         _check_batch_size(batch_size)
         if len(ids) == 0:
             return
+        if self.cfg.num_workers:
+            collect_before_fork()
         loader = DataLoader(
             _FolderImages(index, ids, self.size),
             batch_size=batch_size,
             num_workers=min(self.cfg.num_workers, math.ceil(len(ids) / batch_size)),
             collate_fn=_collate_eval,
+            worker_init_fn=worker_init if self.cfg.num_workers else None,
         )
         for raw in loader:
             if raw["failures"]:

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -303,6 +304,17 @@ def check_failures(raw: Mapping[str, Any], bad_images: str, root: Path) -> list[
     return [path for path, _ in failures]
 
 
+def collect_before_fork() -> None:
+    """Collect garbage before a DataLoader forks its workers.
+
+    A finished DataLoader that only the garbage collector can free (seen with pinned-memory loaders on CUDA)
+    would otherwise be inherited by the new workers: its finaliser then runs in them, where it cannot stop its
+    workers ("can only test a child process"), while in this process those workers linger until a later
+    collection. Collecting here ends them where they were started.
+    """
+    gc.collect()
+
+
 def worker_init(_: int) -> None:
     # A process-wide PIL switch: truncated files must fail in the workers whatever a parent had set.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -444,6 +456,7 @@ class FolderTrainData:
 
     def _dataloader(self) -> DataLoader:
         if self._loader is None:
+            collect_before_fork()
             workers = self.settings.data.num_workers
             self._loader = DataLoader(
                 self.views,

@@ -45,6 +45,7 @@ from paws_cli.data.folder import (
     Key,
     check_failures,
     collate_batch,
+    collect_before_fork,
     worker_init,
 )
 from paws_cli.data.pipeline import as_nchw, step_generator
@@ -331,6 +332,7 @@ class FolderFinetuneBatches(FinetuneBatches):
         """(normalised views, labels) of this process at global ``step``, on the device."""
         if self._iterator is None or step != self._next:
             if self._loader is None:
+                collect_before_fork()
                 self._loader = DataLoader(
                     self.views,
                     batch_sampler=_FinetuneKeys(self),
