@@ -395,7 +395,21 @@ def test_bad_images_skip_counts_and_replaces(damaged_root: tuple[Path, list[str]
     # every image is drawn once per epoch (32 images, 4 x 8): the two bad ones were skipped, each once
     assert data.skipped_images == 2 and len(served) == 32
     assert sorted(Path(p).name for p in data.skipped_files) == sorted(Path(b).name for b in bad)
-    assert data.state_dict()["skipped_images"] == 2
+    state = data.state_dict()
+    assert state["skipped_images"] == 2
+    for _ in data.epoch(1, 4):  # the next epoch meets them again; the count goes on
+        pass
+    assert data.skipped_images == 4
+    resumed = build_train_data(settings, device=CPU)
+    resumed.load_state_dict(state)
+    assert resumed.skipped_images == 2
+    # only rank 0 saves checkpoints: another rank does not take over rank 0's count
+    two = settings_for(root, data__split=str(split), support__classes_per_batch=2)
+    other = build_train_data(two, device=CPU, world_size=2, rank=1)
+    other.load_state_dict(
+        build_train_data(two, device=CPU, world_size=2, rank=0).state_dict() | {"skipped_images": 5}
+    )
+    assert other.skipped_images == 0
 
 
 def test_bad_images_stop_names_the_file(damaged_root: tuple[Path, list[str], Path]) -> None:

@@ -431,14 +431,18 @@ class FolderTrainData:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.order.load_state_dict(state["unlabelled"])
         self.supports.load_state_dict(state["supports"])
-        self.skipped_images = int(state.get("skipped_images", 0))
+        # Only rank 0 saves checkpoints, so its count is the one stored; other ranks count again from zero.
+        self.skipped_images = int(state.get("skipped_images", 0)) if self.rank == 0 else 0
         self._served = None
 
     def epoch(self, epoch: int, first_step: int) -> Iterator[Batch]:
         """The remaining batches of ``epoch`` (from the position served so far); ``first_step`` is the global
         step of the first one and seeds its views."""
         if self._served is not None:  # rewind the samplers from where prefetching left them
-            self.load_state_dict(self.state_dict())
+            state = self.state_dict()
+            self.order.load_state_dict(state["unlabelled"])
+            self.supports.load_state_dict(state["supports"])
+            self._served = None
         self.order.set_epoch(epoch)
         self.supports.set_epoch(epoch)
         start = self.order.position
