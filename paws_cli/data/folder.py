@@ -339,13 +339,19 @@ class _StepKeys:
     def __iter__(self) -> Iterator[list[Key]]:
         data = self._data()
         if data is None:
-            return
-        step = data._first_step
-        for unlabelled, supports in zip(data.order, data.supports, strict=False):
+            return iter(())
+        # The generator must not hold `data` itself: the DataLoader keeps it while prefetching is ahead.
+        return self._keys(data.order, data.supports, data.labelled, data.need_unlabelled, data._first_step)
+
+    @staticmethod
+    def _keys(
+        order: UnlabelledOrder, supports: SupportSampler, labelled: Tensor, need_unlabelled: bool, step: int
+    ) -> Iterator[list[Key]]:
+        for unlabelled, support in zip(order, supports, strict=False):
             keys = []
-            if data.need_unlabelled:
+            if need_unlabelled:
                 keys += [Key(UNLABELLED, step, i, int(j)) for i, j in enumerate(unlabelled.tolist())]
-            images = data.labelled[supports].tolist()
+            images = labelled[support].tolist()
             keys += [Key(SUPPORT, step, i, int(j)) for i, j in enumerate(images)]
             yield keys
             step += 1

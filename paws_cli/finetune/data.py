@@ -280,10 +280,15 @@ class _FinetuneKeys:
 
     def __iter__(self) -> Iterator[list[Key]]:
         owner = self._owner()
-        if owner is None:
-            return
-        for step in itertools.count(owner._start):
-            yield [Key(UNLABELLED, step, i, int(j)) for i, j in enumerate(owner.indices(step).tolist())]
+        start = owner._start if owner is not None else 0
+        del owner  # the generator holds only the weak reference: the DataLoader keeps it between batches
+        for step in itertools.count(start):
+            owner = self._owner()
+            if owner is None:
+                return
+            keys = [Key(UNLABELLED, step, i, int(j)) for i, j in enumerate(owner.indices(step).tolist())]
+            del owner
+            yield keys
 
 
 class FolderFinetuneBatches(FinetuneBatches):
