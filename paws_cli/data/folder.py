@@ -307,10 +307,11 @@ def check_failures(raw: Mapping[str, Any], bad_images: str, root: Path) -> list[
 def collect_before_fork() -> None:
     """Collect garbage before a DataLoader forks its workers.
 
-    A finished DataLoader that only the garbage collector can free (seen with pinned-memory loaders on CUDA)
-    would otherwise be inherited by the new workers: its finaliser then runs in them, where it cannot stop its
-    workers ("can only test a child process"), while in this process those workers linger until a later
-    collection. Collecting here ends them where they were started.
+    A DataLoader that only the garbage collector can free (one caught in a reference cycle, for instance by a
+    kept exception's traceback) would otherwise be inherited by the new workers: its finaliser may then run in
+    one of them, where it cannot stop its workers ("can only test a child process", seen on a GPU machine),
+    while in this process those workers linger until a later collection. Collecting here stops them where they
+    were started, before the fork.
     """
     gc.collect()
 
