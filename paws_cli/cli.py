@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from paws_cli.config import (
@@ -73,7 +74,8 @@ def user_errors(fn: F) -> F:
             FileNotFoundError,
             NotADirectoryError,
         ) as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # Escaped: messages quote file names and commands with brackets (`pip install 'paws-cli[ffcv]'`).
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
