@@ -77,6 +77,7 @@ __all__ = [
     "make_grad_scaler",
     "resolve_device",
     "train",
+    "world_size_warning",
 ]
 
 
@@ -148,6 +149,52 @@ def describe_globals(settings: Settings, data: TrainDataLike, world: int, total_
     )
     lines.append(f"steps: {data.steps_per_epoch} per epoch x {o.epochs} epochs = {total_steps}")
     return lines
+
+
+def _global_support(settings: Settings, world: int) -> tuple[int, int]:
+    """(classes, images per class) of the global support on ``world`` processes (spec section 2)."""
+    s = settings.support
+    if s.unique_classes_per_rank:
+        return s.classes_per_batch * world, s.images_per_class
+    return s.classes_per_batch, s.images_per_class * world
+
+
+def world_size_warning(settings: Settings, world: int) -> str | None:
+    """What running on ``world`` processes changes when the recipe was written for another number, or None.
+
+    Sizes are per process, so the global batch and support scale with the process count while the learning
+    rates (absolute values for the recipe's global batch) stay: say so, and which per-process sizes would
+    keep the recipe's global numbers.
+    """
+    planned = settings.world_size
+    if world == planned:
+        return None
+    o, s = settings.optim, settings.support
+    batch, want_batch = o.batch_size * world, o.batch_size * planned
+    classes, images = _global_support(settings, world)
+    want_classes, want_images = _global_support(settings, planned)
+    keep = []
+    if want_batch % world == 0:
+        keep.append(f"optim.batch_size={want_batch // world}")
+    if s.unique_classes_per_rank and want_classes % world == 0:
+        keep.append(f"support.classes_per_batch={want_classes // world}")
+    elif not s.unique_classes_per_rank and want_images % world == 0:
+        keep.append(f"support.images_per_class={want_images // world}")
+    hint = (
+        f"To keep the recipe's global numbers, set {' '.join(keep)} world_size={world}, or adjust the "
+        "learning rates yourself."
+        if len(keep) == 2
+        else "The recipe's global numbers cannot be kept exactly on this many processes: adjust the sizes or "
+        "the learning rates yourself."
+    )
+    return (
+        f"warning: running on {world} process(es), but the recipe was written for world_size={planned}. "
+        f"Batch and support sizes are per process and are kept, so the global unlabelled batch is {batch} "
+        f"(recipe: {want_batch}) and the global support {classes} classes x {images} images (recipe: "
+        f"{want_classes} x {want_images}); steps per epoch change with them. The learning rates "
+        f"({o.start_lr} -> {o.lr} -> {o.final_lr}) are absolute values for the recipe's global batch and are used "
+        f"unchanged. {hint}"
+    )
 
 
 def train(
@@ -242,11 +289,9 @@ def _train(
         console.print(data.supports.describe())
         for line in describe_globals(settings, data, world, total_steps):
             console.print(f"  {line}")
-        if world != settings.world_size:
-            console.print(
-                f"[yellow]warning: running on {world} process(es) but the recipe was written for "
-                f"{settings.world_size}; global batch, support and learning rates differ from the recipe's.[/]"
-            )
+        warning = world_size_warning(settings, world)
+        if warning:
+            console.print(warning, style="yellow", markup=False, highlight=False)
 
     # --- training ---
     step_log = JsonlWriter(run_dir / "metrics.jsonl") if main else None
