@@ -22,8 +22,6 @@ from paws_cli.config import (
     Settings,
     find_recipe,
     load_settings,
-    recipe_description,
-    recipe_names,
     setting_paths,
     settings_to_yaml,
 )
@@ -361,14 +359,21 @@ def make_splits(
 
 
 @recipes_app.command("ls")
+@user_errors
 def recipes_ls() -> None:
-    """Table of the named recipes."""
-    table = Table(title="recipes")
-    for col in ("name", "method", "backbone", "world size", "description"):
-        table.add_column(col)
-    for name in recipe_names():
-        s = load_settings(name, environ={})
-        table.add_row(name, s.method, s.model.backbone, str(s.world_size), recipe_description(name))
+    """Table of the named recipes with their global sizes (recipes give per-process sizes for `world size`)."""
+    from paws_cli.reproduce.recipe_table import listed_recipes, recipe_row
+
+    table = Table(title="recipes: global batch and support (classes x images) at the recipe's world size")
+    for col in ("name", "model", "labels", "world", "batch", "support", "epochs"):
+        table.add_column(
+            col, justify="right" if col in ("world", "batch", "epochs") else "left", no_wrap=True
+        )
+    table.add_column("description", min_width=24, ratio=1)
+    for name in listed_recipes():
+        r = recipe_row(name)
+        cells = (r.name, r.model, r.labels, str(r.world_size), str(r.global_batch), r.global_support)
+        table.add_row(*cells, f"{r.epochs:g}", r.description)
     console.print(table)
 
 
@@ -380,7 +385,80 @@ def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name or path."
     console.print(f"# {path}", highlight=False)
     console.print(path.read_text(), highlight=False, markup=False)
     console.print("# resolved:", highlight=False)
-    console.print(settings_to_yaml(load_settings(name, environ={})), highlight=False, markup=False, end="")
+    from paws_cli.reproduce.recipe_table import load_for_listing  # an unset data.path gets a stand-in
+
+    console.print(settings_to_yaml(load_for_listing(name)), highlight=False, markup=False, end="")
+
+
+@app.command()
+@user_errors
+def reproduce(
+    table: Annotated[
+        str, typer.Argument(help="table1 (ResNet-50: Table 1) or table2 (wider ResNets: Table 2).")
+    ],
+    imagenet: Annotated[
+        Path | None,
+        typer.Option(
+            help="ImageNet root with train/<wnid>/ and val/<wnid>/ (full scale; not with --scale smoke)."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print every step with its state and V100-hour estimate; run nothing.")
+    ] = False,
+    scale: Annotated[
+        str,
+        typer.Option(
+            help="full (the paper's recipes) or smoke (the same steps on tiny generated data, CPU)."
+        ),
+    ] = "full",
+    out: Annotated[Path, typer.Option(help="Report folder (TABLE.md, TABLE.json).")] = Path("reports"),
+    work: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for converted data, splits, runs and logs (default runs/reproduce[_smoke])."
+        ),
+    ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="Pretraining data: ffcv (.beton), folder (JPEGs) or auto (ffcv when installed)."
+        ),
+    ] = "auto",
+    launcher: Annotated[
+        str | None,
+        typer.Option(
+            help="Command that starts pretraining and fine-tuning, e.g. 'torchrun --nproc_per_node 8'."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="KEY=VALUE override for every pretrain, knn-eval and finetune step."),
+    ] = None,
+    pretrain_set: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE override for pretraining only (e.g. run.launcher=slurm slurm.nodes=8)."),
+    ] = None,
+) -> None:
+    """Reproduce the paper's Table 1 or 2: convert, make splits, pretrain, evaluate, report (resumable)."""
+    from paws_cli.reproduce.command import reproduce_command
+
+    if fmt not in ("auto", "ffcv", "folder"):
+        raise ValueError(f"--format must be auto, ffcv or folder, got {fmt!r}")
+    code = reproduce_command(
+        table,
+        imagenet=imagenet,
+        scale=scale,  # type: ignore[arg-type]  # checked by reproduce_command
+        out=out,
+        work=work,
+        dry_run=dry_run,
+        data_format=fmt,  # type: ignore[arg-type]
+        launcher=launcher,
+        overrides=set_ or [],
+        pretrain_overrides=pretrain_set or [],
+        console=console,
+    )
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("settings")

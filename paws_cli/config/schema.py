@@ -90,7 +90,17 @@ class DataSettings(Section):
                 "data.dataset=imagefolder is loaded with data.format=folder (JPEGs) or data.format=ffcv (a .beton)"
             )
         if self.dataset in ("cifar10", "imagefolder", "array") and self.path is None:
-            raise ValueError(f"data.dataset={self.dataset} needs data.path (see `paws settings` for its meaning)")
+            # Recipes for these datasets leave the path null on purpose: say exactly what to pass.
+            example = {
+                "cifar10": "data.path=/path/to/cifar-10-batches-py (the python-pickle folder)",
+                "array": "data.path=/path/to/dir (made by `paws convert-dataset`)",
+                "folder": "data.path=/path/to/imagenet/train (the ImageFolder train root)",
+                "ffcv": "data.path=/path/to/train.beton (made by `paws convert-dataset imagefolder`)",
+            }[self.format if self.dataset == "imagefolder" else self.dataset]
+            raise ValueError(
+                f"data.dataset={self.dataset} with data.format={self.format} needs data.path: add the override "
+                f"{example}"
+            )
         return self
 
 

@@ -1,0 +1,77 @@
+"""What `paws recipes ls` shows: each named recipe's resolved global numbers (sizes in recipes are per process).
+
+Recipes for data the user must point to (ImageNet, CIFAR-10) leave ``data.path`` null on purpose; for the
+listing they are resolved with a stand-in path, which nothing reads. Recipes whose name starts with ``_`` are
+bases for ``base:`` inheritance, not runs, and are not listed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from paws_cli.config import Settings, load_settings, recipe_description, recipe_names
+from paws_cli.config.loader import load_recipe_tree
+
+#: Stand-in for a data.path the recipe leaves to the user (never opened: listing only validates settings).
+PATH_PLACEHOLDER = "<data.path>"
+
+
+@dataclass(frozen=True)
+class RecipeRow:
+    """One recipe as `paws recipes ls` shows it."""
+
+    name: str
+    model: str
+    labels: str
+    world_size: int
+    global_batch: int
+    global_support: str
+    epochs: float
+    description: str
+
+
+def listed_recipes() -> list[str]:
+    """Names of the runnable recipes (bases starting with '_' left out)."""
+    return [name for name in recipe_names() if not name.startswith("_")]
+
+
+def load_for_listing(name: str) -> Settings:
+    """The recipe's settings; a data.path it leaves unset is filled with a stand-in."""
+    data = load_recipe_tree(name).get("data") or {}
+    needs_path = data.get("dataset") in ("cifar10", "imagefolder", "array") and data.get("path") is None
+    return load_settings(name, [f"data.path={PATH_PLACEHOLDER}"] if needs_path else [], environ={})
+
+
+def global_support(settings: Settings) -> tuple[int, int, int]:
+    """(classes, images per class, views) of the global support at the recipe's world size (spec section 2)."""
+    s, world = settings.support, settings.world_size
+    if s.unique_classes_per_rank:
+        return s.classes_per_batch * world, s.images_per_class, settings.augment.support_views
+    return s.classes_per_batch, s.images_per_class * world, settings.augment.support_views
+
+
+def labels_text(settings: Settings) -> str:
+    """How the labelled subset is chosen: an official list (its key), a split file, or a seeded draw."""
+    d = settings.data
+    if d.split is not None:
+        return d.split.removeprefix("official:")  # an official list by its key ("1%"), else the file
+    if d.label_percent is not None:
+        return f"{d.label_percent:g}% per class"
+    return f"{d.labels_per_class} per class"
+
+
+def recipe_row(name: str) -> RecipeRow:
+    """The listing row of one recipe."""
+    s = load_for_listing(name)
+    classes, images, views = global_support(s)
+    support = f"{classes} x {images}" + (f" x {views} views" if views > 1 else "")
+    return RecipeRow(
+        name=name,
+        model=s.model.backbone,
+        labels=labels_text(s),
+        world_size=s.world_size,
+        global_batch=s.optim.batch_size * s.world_size,
+        global_support=support,
+        epochs=s.optim.epochs,
+        description=recipe_description(name),
+    )

@@ -1,0 +1,164 @@
+"""The report of `paws reproduce`: our numbers beside the paper's, as Markdown (and JSON for scripts).
+
+Every published cell is shown with our top-1 read from its result file (knn_eval.json: ``paws_nn_top1``;
+finetune.json: ``test_top1``) and the difference ours - paper in points. A cell without a result reads
+"not run", or "failed" when its step (or one it needs) failed in this invocation. Written atomically to
+``OUT/<table>.md`` and ``OUT/<table>.json`` (``<table>_smoke.*`` for the smoke scale, so that a smoke run
+never overwrites a real report).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from paws_cli.io_utils import atomic_write_text
+from paws_cli.reproduce.paper import METRIC_LABELS, TITLES
+from paws_cli.reproduce.plan import Plan, PlannedCell
+from paws_cli.reproduce.runner import StepOutcome
+
+NOT_RUN = "not run"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """A published cell with our value (None when missing) and why it is missing."""
+
+    planned: PlannedCell
+    ours: float | None
+    missing: str = ""  # NOT_RUN or FAILED when ours is None
+
+    @property
+    def difference(self) -> float | None:
+        """Ours minus the paper's, in points."""
+        return None if self.ours is None else self.ours - self.planned.cell.paper_top1
+
+
+def _read_value(path: Path, key: str) -> float | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    value = doc.get(key) if isinstance(doc, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def collect(plan: Plan, outcomes: Sequence[StepOutcome] = ()) -> list[CellResult]:
+    """Our value of every cell of the plan, read from the result files that exist now."""
+    failed = {o.step for o in outcomes if o.outcome in ("failed", "blocked")}
+    results = []
+    for planned in plan.cells:
+        value = _read_value(planned.result, planned.key) if planned.result.is_file() else None
+        missing = "" if value is not None else (FAILED if planned.step in failed else NOT_RUN)
+        results.append(CellResult(planned, value, missing))
+    return results
+
+
+def report_paths(plan: Plan) -> tuple[Path, Path]:
+    """The Markdown and JSON report files of ``plan``."""
+    stem = plan.options.table + ("_smoke" if plan.options.scale == "smoke" else "")
+    return plan.options.out / f"{stem}.md", plan.options.out / f"{stem}.json"
+
+
+def _fmt(value: float | None, missing: str, signed: bool = False) -> str:
+    if value is None:
+        return missing
+    return f"{value:+.1f}" if signed else f"{value:.2f}"
+
+
+def render_markdown(plan: Plan, results: Sequence[CellResult], now: dt.datetime | None = None) -> str:
+    """The report as Markdown: one row per (architecture, method, epochs), the 1% and 10% columns side by side."""
+    opts = plan.options
+    now = now or dt.datetime.now(dt.timezone.utc)
+    rows: dict[tuple[str, str, int], dict[str, CellResult]] = {}
+    for result in results:
+        cell = result.planned.cell
+        rows.setdefault((cell.architecture, METRIC_LABELS[cell.metric], cell.epochs), {})[cell.fraction] = (
+            result
+        )
+    fractions = sorted({r.planned.cell.fraction for r in results}, key=lambda f: float(f.rstrip("%")))
+    header = ["architecture", "method", "epochs"]
+    for f in fractions:
+        header += [f"{f} paper", f"{f} ours", f"{f} ours - paper"]
+    lines = [
+        f"# Reproduction of the PAWS paper's {TITLES[opts.table]}",
+        "",
+        f"Written by `paws reproduce {opts.table} --scale {opts.scale}` on {now:%Y-%m-%d %H:%M} UTC; "
+        f"work folder `{opts.work}`; pretraining data format `{opts.data_format}`.",
+        "",
+    ]
+    if opts.scale == "smoke":
+        lines += [
+            "**Smoke scale**: the same pipeline on a tiny generated ImageNet-layout folder with a small network "
+            "for a fraction of an epoch. These numbers check that every step runs; they are not comparable "
+            "with the paper's.",
+            "",
+        ]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (arch, method, epochs), by_fraction in rows.items():
+        row = [arch, method, str(epochs)]
+        for f in fractions:
+            result = by_fraction.get(f)
+            if result is None:
+                row += ["-", "-", "-"]
+                continue
+            row += [
+                f"{result.planned.cell.paper_top1:.1f}",
+                _fmt(result.ours, result.missing),
+                _fmt(result.difference, "", signed=True),
+            ]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Paper: Assran et al., ICCV 2021 (PAWS-SPEC.md section 8). Ours: top-1 % on the 50,000 ImageNet "
+        "validation images; fine-tuned numbers are at the epoch selected on the held-out val.txt, PAWS-NN is "
+        "the soft nearest neighbour over the labelled list. 'not run': no result yet; 'failed': its step or "
+        "one it needs failed (see the logs).",
+        "",
+        "Result files:",
+        "",
+    ]
+    lines += [f"- {r.planned.cell.run_name} {r.planned.cell.metric}: `{r.planned.result}`" for r in results]
+    if plan.notes:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in plan.notes]
+    return "\n".join(lines) + "\n"
+
+
+def render_json(plan: Plan, results: Sequence[CellResult]) -> dict[str, Any]:
+    """The same content as a JSON-ready dict."""
+    return {
+        "table": plan.options.table,
+        "scale": plan.options.scale,
+        "work": str(plan.options.work),
+        "data_format": plan.options.data_format,
+        "cells": [
+            {
+                "architecture": r.planned.cell.architecture,
+                "recipe": r.planned.cell.recipe,
+                "epochs": r.planned.cell.epochs,
+                "labels": r.planned.cell.fraction,
+                "metric": r.planned.cell.metric,
+                "paper_top1": r.planned.cell.paper_top1,
+                "ours_top1": r.ours,
+                "difference": r.difference,
+                "missing": r.missing or None,
+                "result_file": str(r.planned.result),
+            }
+            for r in results
+        ],
+    }
+
+
+def write_report(plan: Plan, outcomes: Sequence[StepOutcome] = ()) -> tuple[Path, list[CellResult]]:
+    """Write the Markdown and JSON reports; return the Markdown path and the cells."""
+    results = collect(plan, outcomes)
+    md, js = report_paths(plan)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(md, render_markdown(plan, results))
+    atomic_write_text(js, json.dumps(render_json(plan, results), indent=2) + "\n")
+    return md, results
