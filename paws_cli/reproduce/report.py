@@ -2,7 +2,7 @@
 
 Every published cell is shown with our top-1 read from its result file (knn_eval.json: ``paws_nn_top1``;
 finetune.json: ``test_top1``) and the difference ours - paper in points. A cell without a result reads
-"not run", or "failed" when its step (or one it needs) failed in this invocation. Written atomically to
+"not run", or "failed" when its step, or one it needs, failed in this invocation. Written atomically to
 ``OUT/<table>.md`` and ``OUT/<table>.json`` (``<table>_smoke.*`` for the smoke scale, so that a smoke run
 never overwrites a real report).
 """
@@ -50,7 +50,12 @@ def _read_value(path: Path, key: str) -> float | None:
 
 def collect(plan: Plan, outcomes: Sequence[StepOutcome] = ()) -> list[CellResult]:
     """Our value of every cell of the plan, read from the result files that exist now."""
-    failed = {o.step for o in outcomes if o.outcome in ("failed", "blocked")}
+    by_step = {o.step: o.outcome for o in outcomes}
+    failed: set[str] = set()  # steps that failed, and steps blocked by one (not by a step still waiting)
+    for step in plan.steps:
+        outcome = by_step.get(step.id)
+        if outcome == "failed" or (outcome == "blocked" and failed.intersection(step.needs)):
+            failed.add(step.id)
     results = []
     for planned in plan.cells:
         value = _read_value(planned.result, planned.key) if planned.result.is_file() else None
