@@ -7,7 +7,7 @@ STAMP := $(VENV)/.paws-setup-stamp
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages demo demo-60pc test lint bench clean-venv
+.PHONY: setup system-packages demo demo-60pc test lint bench clean-venv reproduce-table1 reproduce-table2
 
 # Idempotent: the stamp is rebuilt only when the packaging files change.
 setup: $(STAMP)
@@ -65,6 +65,20 @@ demo-60pc: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_step.py
+
+# The paper's Tables 1 and 2 (`paws reproduce`, README "Reproducing Tables 1 and 2"). Resumable: run it again to
+# continue. make reproduce-table1 IMAGENET=/path/to/imagenet [DRY_RUN=1] [SCALE=smoke] [LAUNCHER="torchrun ..."]
+SCALE ?= full
+REPORTS ?= reports
+REPRODUCE_ARGS = --scale $(SCALE) --out $(REPORTS) \
+	$(if $(and $(IMAGENET),$(filter full,$(SCALE))),--imagenet "$(IMAGENET)") \
+	$(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(LAUNCHER),--launcher "$(LAUNCHER)") $(REPRODUCE_FLAGS)
+
+reproduce-table1: setup
+	$(BIN)/paws reproduce table1 $(REPRODUCE_ARGS)
+
+reproduce-table2: setup
+	$(BIN)/paws reproduce table2 $(REPRODUCE_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
