@@ -242,6 +242,19 @@ def test_crop_fallback_is_torchvisions_central_crop() -> None:
     assert (ours == theirs).all() and tuple(ours[0]) == (0, 493, 10, 13)
 
 
+def test_group_views_cuts_rows_view_major() -> None:
+    from paws_cli.data.ffcv_loader import group_views
+
+    # Two samples; per row: 2 views of 2x2 px, then 1 view of 1x1 px (HWC bytes, as the decoder writes them).
+    rows = torch.arange(2 * 27, dtype=torch.uint8).view(2, 27)
+    large, small = group_views(rows, [(0, 2, 2), (24, 1, 1)])
+    assert large.shape == (4, 2, 2, 3) and small.shape == (2, 1, 1, 3)
+    for v in range(2):
+        for i in range(2):  # row v * B + i is view v of sample i
+            assert torch.equal(large[v * 2 + i], rows[i, v * 12 : (v + 1) * 12].view(2, 2, 3))
+    assert torch.equal(small.view(2, 3), rows[:, 24:])
+
+
 @needs_ffcv
 def test_encoded_indices_round_trip_and_overflow() -> None:
     from paws_cli.data import ffcv_ops
