@@ -41,7 +41,10 @@ class DataSettings(Section):
         "(ffcv). Memory datasets carry their own test split.",
     )
     num_workers: int = Field(
-        8, ge=0, description="Data-loading worker processes per training process (folder and ffcv formats)."
+        8,
+        ge=0,
+        description="Data loading per training process: DataLoader worker processes (folder format) or FFCV's "
+        "decoding threads (ffcv format; at least 1, at most numba's thread count).",
     )
     bad_images: Literal["skip", "stop"] = Field(
         "skip",
