@@ -80,6 +80,22 @@ def coded_beton(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return convert(train, train.parent / "coded.beton", write_mode="raw", max_resolution=0)
 
 
+@pytest.fixture(scope="module")
+def noise_beton(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 random-noise PNGs of assorted sizes, stored raw: every pixel of a view can be checked exactly."""
+    if not HAS_FFCV:
+        pytest.skip("ffcv is not installed")
+    train = tmp_path_factory.mktemp("noise") / "train"
+    rng = np.random.default_rng(0)
+    for label in range(2):
+        (train / wnid(label)).mkdir(parents=True)
+        for i in range(3):
+            size = (40 + 9 * i, 30 + 11 * (i + label))
+            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(train / wnid(label) / f"{wnid(label)}_{i}.png")
+    return convert(train, train.parent / "noise.beton", write_mode="raw", max_resolution=0)
+
+
 def settings_for(beton: Path, **changes: object) -> Settings:
     """Tiny ffcv settings; ``changes`` are dotted keys (``optim__batch_size=4`` -> optim.batch_size)."""
     tree: dict[str, dict[str, object]] = {
@@ -267,6 +283,59 @@ def test_encoded_indices_round_trip_and_overflow() -> None:
         ffcv_ops.encode_tokens(np.array([10]), np.array([0]), 10)
     with pytest.raises(ValueError, match="64 bits"):
         ffcv_ops.encode_tokens(np.array([1]), np.array([2**62]), 10)
+
+
+@needs_ffcv
+def test_decoder_cuts_the_drawn_crops_exactly(noise_beton: Path) -> None:
+    import cv2
+    from ffcv.loader import Loader
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import ToTensor
+
+    from paws_cli.data import ffcv_ops
+
+    groups = [ffcv_ops.CropGroup(24, 2, (0.14, 1.0)), ffcv_ops.CropGroup(12, 3, (0.05, 0.3), flip_p=0.5)]
+    sidecar = read_sidecar(noise_beton)
+    n, key = sidecar.num_images, 987654321
+    decoder = ffcv_ops.MultiCropDecoder(groups, key=key, num_samples=n)
+    order = ffcv_ops.PlannedOrder(np.zeros(n, dtype=np.uint64))
+    loader = Loader(
+        str(noise_beton),
+        batch_size=n,
+        num_workers=2,
+        order=order,
+        os_cache=True,
+        seed=0,
+        pipelines={
+            "image": None,
+            "label": None,
+            "views": PipelineSpec("image", decoder=decoder, transforms=[ToTensor()]),
+        },
+    )
+    samples, tokens = np.array([4, 0, 5, 2, 1, 3]), np.arange(n) + 1000
+    order.plan(ffcv_ops.encode_tokens(samples, tokens, n))
+    rows = next(iter(loader))[0].numpy().copy()
+    flips = 0
+    for i, (sample, token) in enumerate(zip(samples, tokens, strict=True)):
+        image = np.asarray(Image.open(noise_beton.parent / "train" / sidecar.files[sample]))
+        height, width = image.shape[:2]
+        offset, v = 0, 0
+        for group in groups:
+            for _ in range(group.count):
+                state = stream(np.uint64(key), int(token), v)
+                logs = (math.log(group.ratio[0]), math.log(group.ratio[1]))
+                top, left, h, w = ffcv_ops.crop_box(state, height, width, *group.scale, *logs)
+                expected = cv2.resize(
+                    image[top : top + h, left : left + w],
+                    (group.size, group.size),
+                    interpolation=cv2.INTER_AREA,
+                )
+                if ffcv_ops.stream_uniform(state, ffcv_ops._DRAW_FLIP) < group.flip_p:
+                    expected, flips = expected[:, ::-1], flips + 1
+                got = rows[i, offset : offset + group.view_bytes].reshape(group.size, group.size, 3)
+                assert np.array_equal(got, expected), (i, v)
+                offset, v = offset + group.view_bytes, v + 1
+    assert 0 < flips < 5 * n  # both outcomes of the flip draws occur
 
 
 # ----------------------------------------------------------------------------------------------- batches

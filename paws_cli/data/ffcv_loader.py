@@ -15,9 +15,16 @@
 Reproducibility: crops and flips are a hash of (run.seed, rank, role, global step, position in the batch, view)
 and the colour parameters come from a generator seeded by (run.seed, rank, global step) as on the other back
 ends, so an interrupted and resumed run gets bit-identical batches (same device and library versions): nothing
-depends on FFCV's thread scheduling or on numba's random state. What is not pinned: the numbers themselves
-differ from the folder back end's (another random stream, and OpenCV's area resize instead of PIL's bilinear),
-and GPU colour ops may differ from CPU ones in the last bits.
+depends on FFCV's thread scheduling or on numba's random state (FFCV's own ``seed`` argument only seeds its
+built-in orders; its crop decoders draw from numba's per-thread state, which nothing seeds). What is not pinned:
+the numbers differ from the folder back end's (another random stream; libjpeg-turbo's fast IDCT and OpenCV's
+area resize instead of PIL's decoder and bilinear resize), and GPU colour ops may differ from CPU ones in the
+last bits. Changing the world size on resume (same global batch) keeps the images but not their views.
+
+Costs: data.num_workers is the number of FFCV decoding threads in each training process. FFCV keeps
+``batches_ahead + 2`` pinned buffers per loader, each with room to decode a batch of the largest stored image
+(`convert-dataset --max-resolution` bounds it). Unreadable files never reach the .beton (the converter leaves
+them out and lists them in the sidecar), so data.bad_images has nothing to do here.
 """
 
 from __future__ import annotations
@@ -225,6 +232,14 @@ class FFCVTrainData:
         need_unlabelled: bool = True,
     ) -> None:
         threads = _torch_threads(settings)  # importing or running FFCV sets torch's thread count: put it back
+        try:
+            self._build(settings, device, world_size, rank, need_unlabelled)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _build(
+        self, settings: Settings, device: torch.device, world_size: int, rank: int, need_unlabelled: bool
+    ) -> None:
         require_ffcv()
         import numba
 
@@ -244,9 +259,8 @@ class FFCVTrainData:
         self.settings, self.device, self.rank = settings, device, rank
         self.need_unlabelled = need_unlabelled
         self.name, self.num_classes, self.in_chans = "imagefolder", len(self.sidecar.classes), 3
-        self.skipped_images = (
-            0  # unreadable files were left out when the .beton was written (sidecar 'skipped')
-        )
+        # Unreadable files were left out when the .beton was written (the sidecar lists them): none to replace.
+        self.skipped_images = 0
         self.skipped_files: list[str] = []
         labelled, self.labelled_description = beton_labelled(cfg, self.sidecar)
         labels = self.sidecar.labels_array()
@@ -304,7 +318,6 @@ class FFCVTrainData:
             seed=_ffcv_seed(seed, rank, SUPPORT),
             **common,
         )
-        torch.set_num_threads(threads)
 
     # --- the protocol ---
 
