@@ -1,7 +1,8 @@
 """PAWS data loading per CPU core: the FFCV back end against the torchvision/PIL folder back end.
 
     python benchmarks/loader.py [--classes 16] [--per-class 20] [--size 500x375] [--batch 32]
-                                [--support-classes 16] [--support-images 2] [--workers 2] [--steps 20]
+                                [--support-classes 16] [--support-images 2] [--workers 2] [--torch-threads 1]
+                                [--steps 20]
 
 Both back ends make the same PAWS step from the same JPEGs (ImageNet-like sizes, quality 90, written by the shared
 test fixture): B unlabelled images x (2 views of 224 px + 6 of 96 px) plus a support batch of K classes x P images
@@ -16,9 +17,11 @@ x 1 view of 224 px, with the ImageNet augmentations (random-resized crop, flip, 
 
 Reported per back end: wall time, CPU seconds of the process and of its children (all threads and worker
 processes, from psutil), images per second and images per CPU-second (the per-core throughput; images = B + K*P
-per step). The first --warmup steps (worker start-up, FFCV's JIT compilation) are not counted. The target is an
-FFCV/folder ratio of images per CPU-second of at least 3. CPU seconds are what the work cost, so the per-core
-figure holds on a busy machine better than wall-clock rates, but cache and memory contention still move it.
+per step). The first --warmup steps (worker start-up, FFCV's JIT compilation) are not counted. Torch runs the
+CPU colour ops on --torch-threads threads (default 1: with more, OpenMP's waiting threads spin and bill CPU time
+that is contention, not work, badly so on a shared machine). The target is an FFCV/folder ratio of images per
+CPU-second of at least 3. CPU seconds are what the work cost, so the per-core figure holds on a busy machine
+better than wall-clock rates, but cache and memory contention still move it.
 """
 
 from __future__ import annotations
@@ -163,8 +166,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="unlabelled images per step (B)")
     parser.add_argument("--support-classes", type=int, default=16, help="support classes per step (K)")
     parser.add_argument("--support-images", type=int, default=2, help="support images per class (P)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers / FFCV decoding threads")
     parser.add_argument(
-        "--workers", type=int, default=2, help="DataLoader workers / FFCV threads (and torch threads)"
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch threads of the main process (the CPU colour ops); 1 measures per-core cost without OpenMP's "
+        "spinning, which on a busy machine multiplied the colour ops' CPU seconds by 4 or more",
     )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per back end")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -174,7 +182,7 @@ def main() -> None:
     args = parser.parse_args()
     console = Console(width=160)
     width, height = (int(v) for v in args.size.lower().split("x"))
-    torch.set_num_threads(args.workers)
+    torch.set_num_threads(args.torch_threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or Path(tmp) / "ds"
@@ -202,6 +210,7 @@ def main() -> None:
             f"support.images_per_class={args.support_images}",
             "model.channels_last=false",
             "run.device=cpu",
+            f"run.num_threads={args.torch_threads}",  # the FFCV back end restores this after FFCV changes it
         ]
         results = []
         for name, fmt, path, rows_only in (
@@ -215,7 +224,8 @@ def main() -> None:
 
     table = Table(
         title=f"PAWS loading: B={args.batch} x (2x224 + 6x96) + {args.support_classes}x{args.support_images} "
-        f"supports x 224, {width}x{height} JPEGs, {args.workers} workers, CPU"
+        f"supports x 224, {width}x{height} JPEGs, {args.workers} workers, "
+        f"{args.torch_threads} torch thread(s), CPU"
     )
     for column in (
         "back end",
