@@ -296,7 +296,7 @@ def test_smoke_table1_end_to_end_resumable(smoke_dirs: tuple[Path, Path]) -> Non
     for recipe in ("r50_1pct", "r50_10pct"):  # 561 images / 16 = 35 steps per epoch; 0.1/0.2/0.3 epochs
         for epochs, steps in ((100, 4), (200, 7), (300, 10)):
             state = torch.load(work / "runs" / f"{recipe}_e{epochs}" / "checkpoint.pt", weights_only=True)
-            assert state["step"] == steps and state["settings"]["model"]["backbone"] == "resnet18"
+            assert state["step"] == steps and state["settings"]["model"]["backbone"] == "cnn_w16"
 
     # a second run finds everything finished and runs nothing
     code, text = _reproduce(*args)
@@ -328,8 +328,22 @@ def test_smoke_table1_end_to_end_resumable(smoke_dirs: tuple[Path, Path]) -> Non
 @pytest.mark.slow
 def test_smoke_table2_end_to_end(smoke_dirs: tuple[Path, Path]) -> None:
     work, out = smoke_dirs
-    code, text = _reproduce("table2", "--scale", "smoke", "--work", str(work), "--out", str(out))
+    args = ("table2", "--scale", "smoke", "--work", str(work), "--out", str(out))
+    # pretraining stopped early (as a killed or still-queued job leaves it): waiting, nothing evaluated yet
+    code, text = _reproduce(*args, "--pretrain-set", "run.max_steps=2")
     assert code == 0, text
+    assert (
+        text.count("not finished yet (checkpoint at step 2 of") == 8
+        and "8 step(s) are not finished yet and 8 wait" in text
+    )
+    assert all(
+        c["missing"] == "not run" for c in json.loads((out / "table2_smoke.json").read_text())["cells"]
+    )
+    # the same command again continues every run from its checkpoint
+    code, text = _reproduce(*args)
+    assert code == 0, text
+    log = (work / "logs" / "pretrain-r50x4_10pct_e200.log").read_text()
+    assert log.count("$ paws pretrain") == 2 and log.splitlines()[-1] != "" and " --resume" in log
     doc = json.loads((out / "table2_smoke.json").read_text())
     assert len(doc["cells"]) == 8 and all(c["ours_top1"] is not None for c in doc["cells"])
     assert {c["recipe"] for c in doc["cells"]} == {"r50x2_1pct", "r50x2_10pct", "r50x4_1pct", "r50x4_10pct"}

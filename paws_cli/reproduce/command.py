@@ -149,7 +149,6 @@ def reproduce_command(
     console.print(md.read_text(), markup=False, highlight=False)
     console.print(f"report: {md} (and {report_paths(plan)[1]})", highlight=False)
     failed = [o for o in outcomes if o.outcome == "failed"]
-    waiting = [o for o in outcomes if o.outcome in ("waiting", "blocked")]
     if failed:
         console.print(
             f"[red]{len(failed)} step(s) failed[/]: "
@@ -158,10 +157,12 @@ def reproduce_command(
             highlight=False,
         )
         return 1
-    if waiting:
+    waiting = sum(o.outcome == "waiting" for o in outcomes)
+    blocked = sum(o.outcome == "blocked" for o in outcomes)
+    if waiting or blocked:
         console.print(
-            f"{len(waiting)} step(s) are not finished yet; run the same command again later (finished steps are "
-            "skipped).",
+            f"{waiting} step(s) are not finished yet and {blocked} wait for them; run the same command again "
+            "later (finished steps are skipped).",
             highlight=False,
         )
     filled = sum(r.ours is not None for r in results)

@@ -13,8 +13,8 @@ Steps (each a `paws` command line; a step is finished when its result file is th
 Layout under WORK: ``data/``, ``splits/<1pct|10pct>/``, ``runs/<recipe>_e<epochs>[_finetune]/``, ``logs/``.
 
 ``scale="smoke"`` builds the very same steps on a tiny generated ImageNet-layout folder (smoke_data.py) with
-small overrides (SMOKE_* below): a resnet18 at 32 px, epochs scaled by SMOKE_EPOCH_SCALE (the 100/200/300-epoch
-rows keep their ratios), a quarter of a fine-tuning epoch, on the CPU.
+small overrides (SMOKE_* below): the small CNN cnn_w16 at 32 px, epochs scaled by SMOKE_EPOCH_SCALE (the
+100/200/300-epoch rows keep their ratios), a quarter of a fine-tuning epoch, on the CPU.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ SMOKE_EPOCH_SCALE = 1 / 1000
 #: Smoke settings for every pretraining run (one CPU process, a small network at 32 px).
 SMOKE_PRETRAIN: tuple[str, ...] = (
     "world_size=1",
-    "model.backbone=resnet18",
+    "model.backbone=cnn_w16",  # resnet18 works too, but its checkpoints make the smoke run 5x slower
     "model.proj_hidden_dim=128",
     "model.proj_out_dim=128",
     "model.pred_hidden_dim=32",
@@ -301,7 +301,7 @@ def build_plan(options: PlanOptions) -> Plan:
             planned.append(PlannedCell(cell, f"finetune-{name}", ft_json, "test_top1"))
     if smoke:
         notes.append(
-            f"smoke scale: a tiny generated ImageNet-layout folder, resnet18 at 32 px on the CPU, epochs x "
+            f"smoke scale: a tiny generated ImageNet-layout folder, cnn_w16 at 32 px on the CPU, epochs x "
             f"{SMOKE_EPOCH_SCALE:g}, a quarter of a fine-tuning epoch; its numbers check the pipeline and say nothing about "
             "the paper's"
         )
