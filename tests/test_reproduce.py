@@ -23,7 +23,7 @@ from paws_cli.reproduce.paper import TABLE1, TABLE2
 from paws_cli.reproduce.plan import SMOKE_PRETRAIN, Plan, PlanOptions, build_plan
 from paws_cli.reproduce.report import render_json, write_report
 from paws_cli.reproduce.runner import run_plan
-from paws_cli.reproduce.status import total_steps
+from paws_cli.reproduce.status import step_status, total_steps
 
 # Typed from PAWS-SPEC.md section 8 (= the paper's Tables 1 and 2): (epochs, labels, metric) -> top-1 %.
 SPEC_TABLE1 = {
@@ -161,6 +161,15 @@ def test_total_steps_is_the_training_loop_s_count() -> None:
     assert total_steps(state(561, 16, 1, 0, 0.2)) == 7  # 36 per epoch without drop_last, round(7.2)
     assert total_steps(state(1_281_167, 64, 64, 1, 100)) == 31_200  # 312 per epoch on ImageNet
     assert total_steps(state(100, 64, 64, 1, 0.001)) == 1  # at least one step
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, fmt="folder")
+    step = plan.step("pretrain-r50_1pct_e100")
+    step.result.parent.mkdir(parents=True)
+    step.result.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"cannot read the checkpoint .*checkpoint\.pt.*remove"):
+        step_status(step, plan)
 
 
 def test_runner_failures_block_dependents_and_unfinished_steps_wait(tmp_path: Path) -> None:

@@ -91,8 +91,14 @@ def _convert_status(step: Step) -> StepStatus:
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     import torch
 
-    # mmap: only the few small entries read below are paged in, even for a 375M-parameter model.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        # mmap: only the few small entries read below are paged in, even for a 375M-parameter model.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises several types for damaged files; all mean the same here
+        raise ValueError(
+            f"cannot read the checkpoint {path} ({type(exc).__name__}: {exc}); remove {path.parent} to "
+            "train that run again"
+        ) from None
 
 
 def total_steps(state: dict[str, Any]) -> int:
