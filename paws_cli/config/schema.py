@@ -20,7 +20,7 @@ class DataSettings(Section):
     dataset: Literal["fashion_mnist", "array", "cifar10", "imagefolder"] = Field(
         "fashion_mnist",
         description="What the data is: 'fashion_mnist' (embedded; converted on first use), 'array' (a directory "
-        "written by `paws convert-dataset array`), 'cifar10' (the python-pickle folder cifar-10-batches-py) or "
+        "written by `paws convert-dataset fashion-mnist`, or `paws_cli.data.arrays.write_array_dataset` for your own arrays), 'cifar10' (the python-pickle folder cifar-10-batches-py) or "
         "'imagefolder' (ImageNet layout: one folder per class; or its FFCV conversion with data.format=ffcv).",
     )
     format: Literal["memory", "folder", "ffcv"] = Field(
