@@ -221,7 +221,10 @@ def convert_imagefolder_cmd(
         Path, typer.Argument(help="ImageFolder root: one folder per class (e.g. imagenet/train).")
     ],
     out: Annotated[
-        Path, typer.Argument(help="Output .beton; its sidecar index OUT.beton.index.json (e.g. train.beton.index.json) goes beside it.")
+        Path,
+        typer.Argument(
+            help="Output .beton; its sidecar index OUT.beton.index.json (e.g. train.beton.index.json) goes beside it."
+        ),
     ],
     max_resolution: Annotated[
         int, typer.Option(help="Longer side of the stored images (FFCV RGBImageField); 0 keeps every size.")

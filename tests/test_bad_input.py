@@ -157,7 +157,11 @@ def _recipe(ctx: Ctx, text: str) -> Path:
 
 def recipe_typo_in_a_section_name(ctx: Ctx) -> tuple[list[str], list[str], None]:
     path = _recipe(ctx, "base: fmnist_demo\noptm:\n  lr: 0.1\n")
-    return ["pretrain", "--recipe", str(path)], ["unknown setting 'optm'", str(path), "Did you mean"], None
+    return (
+        ["pretrain", "--recipe", str(path)],
+        ["unknown settings section 'optm'", str(path), "Did you mean section 'optim'"],
+        None,
+    )
 
 
 def recipe_typo_in_a_nested_key(ctx: Ctx) -> tuple[list[str], list[str], None]:

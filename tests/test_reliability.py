@@ -536,6 +536,12 @@ def test_a_live_run_locks_its_directory_even_against_resume_and_overwrite(
         for flags in ({"resume": True}, {"overwrite": True}):
             with pytest.raises(RunDirError, match=rf"in use by a running job \(pid {holder.pid} on "):
                 _train([*tiny_overrides, "run.max_steps=3"], **flags)
+        # fine-tuning into the same directory is refused alike (exit 2, naming the holder)
+        finetune = CliRunner().invoke(
+            app, ["finetune", str(run_dir / "checkpoint.pt"), "run.name=tiny", "--overwrite"]
+        )
+        flat = " ".join(finetune.output.split())
+        assert finetune.exit_code == 2 and f"in use by a running job (pid {holder.pid} on " in flat, flat
         assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 2  # untouched
     finally:
         holder.send_signal(signal.SIGKILL)

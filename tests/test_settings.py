@@ -57,7 +57,7 @@ def test_recipe_typos_at_any_depth(tmp_path: Path) -> None:
         load_settings(str(nested), environ={})
     top = tmp_path / "top.yaml"
     top.write_text("optimm:\n  lr: 1.0\n")
-    with pytest.raises(ConfigError, match="unknown setting 'optimm'"):
+    with pytest.raises(ConfigError, match=r"unknown settings section 'optimm'.*Did you mean section 'optim'"):
         load_settings(str(top), environ={})
     with pytest.raises(ConfigError, match=r"unknown recipe 'fmnist_dem'.*fmnist_demo"):
         load_settings("fmnist_dem", environ={})

@@ -62,6 +62,12 @@ def _check_known(tree: Mapping[str, Any], source: str, prefix: str = "") -> None
             continue
         if isinstance(value, Mapping) and dotted in sections:
             _check_known(value, source, f"{dotted}.")
+        elif isinstance(value, Mapping) and not prefix:  # a whole section under a mistyped name
+            close = difflib.get_close_matches(key, sorted(sections), n=2, cutoff=0.5)
+            hint = f" Did you mean section {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(
+                f"unknown settings section '{dotted}' in {source}.{hint} Sections: {', '.join(sorted(sections))}."
+            )
         elif dotted not in known:
             raise ConfigError(f"unknown setting '{dotted}' in {source}.{_did_you_mean(dotted)}")
 

@@ -53,6 +53,7 @@ class KnnResult:
     classifier_top1: float | None = None
     classifier_top5: float | None = None
     unreadable_images: int = 0  # left out of the bank or the queries (data.bad_images=skip)
+    queries_from: str = "test split"  # which images were classified ("test split", "val folder ...")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,6 +168,7 @@ def _evaluate(
         bank=bank_description,
         bank_size=len(bank_labels),
         queries=len(targets),
+        queries_from=dataset.queries_name,
         embedding=which,
         embedding_dim=int(bank.shape[1]),
         paws_nn_top1=soft[1],
@@ -240,7 +242,8 @@ def knn_eval_command(
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     result = evaluate_pretrained(weights, settings)
     console.print(
-        f"dataset {result.dataset}; bank: {result.bank}; queries: {result.queries} test images; "
+        f"dataset {result.dataset}; bank: {result.bank}; queries: {result.queries} images of the "
+        f"{result.queries_from}; "
         f"embedding: {result.embedding} ({result.embedding_dim}-d)"
     )
     console.print(knn_table(result))

@@ -35,7 +35,14 @@ from paws_cli.train.checkpoint import CheckpointError, load_checkpoint, load_sta
 from paws_cli.train.distributed_setup import barrier, init_distributed, main_first, wrap_model
 from paws_cli.train.loop import autocast_for, backward_and_step, make_grad_scaler
 from paws_cli.train.progress import TrainProgress
-from paws_cli.train.rundir import CHECKPOINT, JsonlWriter, prepare_run_dir, run_dir_of, write_resolved_config
+from paws_cli.train.rundir import (
+    CHECKPOINT,
+    JsonlWriter,
+    prepare_run_dir,
+    release_run_dir,
+    run_dir_of,
+    write_resolved_config,
+)
 
 BEST = "best.pt"
 RESULTS = "finetune.json"
@@ -128,7 +135,27 @@ def run_finetune(
     console: Console | None = None,
     default_name: str = "finetune",
 ) -> FinetuneResult:
-    """Fine-tune (or linear-probe) ``weights`` on the labelled subset of ``settings.data``; see the module doc."""
+    """Fine-tune (or linear-probe) ``weights`` on the labelled subset of ``settings.data``; see the module doc.
+
+    The run directory stays locked against other processes until this returns or raises.
+    """
+    try:
+        return _run_finetune(
+            settings, weights, resume=resume, overwrite=overwrite, console=console, default_name=default_name
+        )
+    finally:
+        release_run_dir(run_dir_of(settings, default_name))
+
+
+def _run_finetune(
+    settings: Settings,
+    weights: PretrainedWeights,
+    *,
+    resume: bool,
+    overwrite: bool,
+    console: Console | None,
+    default_name: str,
+) -> FinetuneResult:
     console = console or Console()
     run, ft = settings.run, settings.finetune
     if run.time_budget_s is not None:
@@ -154,7 +181,9 @@ def run_finetune(
     labelled, labelled_source = dataset.labelled(settings.data)
     splits = make_finetune_splits(settings, dataset, labelled)
     path = run_dir_of(settings, default_name)
-    run_dir = main_first(ctx, lambda: prepare_run_dir(path, resume=resume, overwrite=overwrite), lambda: path)
+    run_dir = main_first(
+        ctx, lambda: prepare_run_dir(path, resume=resume, overwrite=overwrite, lock=True), lambda: path
+    )
     model = build_finetune_model(
         weights.build_encoder(),
         dataset.num_classes,
