@@ -56,6 +56,9 @@ def create_optimizer(model: nn.Module, cfg: OptimSettings) -> torch.optim.Optimi
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
             trust_coeff=cfg.trust_coefficient,
+            # timm picks its multi-tensor path on CUDA only; on the CPU it also saves a third of the step's
+            # optimiser time (benchmarks/step.py), with the same arithmetic.
+            foreach=True,
         )
     groups = [
         {"params": adapted, "weight_decay": cfg.weight_decay},

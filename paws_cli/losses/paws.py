@@ -180,12 +180,16 @@ def paws_loss(
 
 
 @torch.no_grad()
-def paws_health(terms: PAWSLossTerms, tau: float, multicrop: int = 0) -> dict[str, float]:
+@torch.no_grad()
+def paws_health(terms: PAWSLossTerms, tau: float, multicrop: int = 0) -> dict[str, Tensor]:
     """The paper's Figure 3 signals for one step, for reporting only (no gradient).
 
     - target_confidence: mean over the large-view targets of their largest class probability; it rises as
       training goes well and stays near 1/C when representations collapse.
     - support_accuracy: leave-one-out soft-NN accuracy of the supports against the other supports.
+
+    Both are 0-d tensors on the loss's device: reading them (``.item()``) is left to the logging steps, so that
+    a training step never waits for the accelerator.
     """
     batch = terms.targets.shape[0] // (2 + multicrop)
     confidence = terms.targets[: 2 * batch].max(dim=1).values.mean()
@@ -194,4 +198,4 @@ def paws_health(terms: PAWSLossTerms, tau: float, multicrop: int = 0) -> dict[st
     sims.fill_diagonal_(float("-inf"))
     predicted = (torch.softmax(sims, dim=1) @ terms.support_labels).argmax(dim=1)
     accuracy = (predicted == terms.support_labels.argmax(dim=1)).float().mean()
-    return {"target_confidence": confidence.item(), "support_accuracy": accuracy.item()}
+    return {"target_confidence": confidence, "support_accuracy": accuracy}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
 from paws_cli.data.pipeline import Batch
@@ -57,7 +56,7 @@ class PAWSMethod(Method):
             "ce": terms.ce.detach(),
             # me_max + log C = KL(pbar || uniform) >= 0: the same gradient, easier to read
             "me_max_kl": terms.me_max.detach() + math.log(labels.shape[1]) if cfg.me_max else terms.me_max,
-            "target_confidence": torch.tensor(health["target_confidence"]),
-            "support_accuracy": torch.tensor(health["support_accuracy"]),
+            "target_confidence": health["target_confidence"],
+            "support_accuracy": health["support_accuracy"],
         }
         return loss, metrics
