@@ -431,7 +431,8 @@ def test_unreadable_images_with_bad_images_skip_are_counted_and_named(
     output = _flat(out.stdout + out.stderr)
     assert out.returncode == 0, output
     # Counted per read (an image may be read as an unlabelled image and as a support): at least the 2 files.
-    found = re.search(r"warning: (\d+) unreadable image\(s\) were replaced", output)
+    found = re.search(r"warning: unreadable images were met (\d+) time\(s\)", output)
     assert found and int(found.group(1)) >= 2, output
+    assert "2 distinct file(s) here" in output, output
     assert truncated.name in output or garbage.name in output
     assert load_checkpoint(tmp_path / "runs" / "folder" / "checkpoint.pt")["step"] == 4  # the epoch completed

@@ -432,8 +432,9 @@ def _train(
     unreadable = round(mean_over_processes({"n": float(data.skipped_images)})["n"] * world)
     if main and unreadable:
         console.print(
-            f"warning: {unreadable} unreadable image(s) were replaced by others of their batch "
-            f"(data.bad_images=skip), e.g. {data.skipped_files[:3]}",
+            f"warning: unreadable images were met {unreadable} time(s) (counted per read, as an unlabelled "
+            f"image or a support) and replaced by others of their batch (data.bad_images=skip); "
+            f"{len(set(data.skipped_files))} distinct file(s) here, e.g. {sorted(set(data.skipped_files))[:3]}",
             style="yellow",
             markup=False,  # file names may hold brackets
             highlight=False,
