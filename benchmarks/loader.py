@@ -12,8 +12,10 @@ x 1 view of 224 px, with the ImageNet augmentations (random-resized crop, flip, 
 - folder: `data.format=folder`, PIL decoding and torchvision's per-image transforms in DataLoader worker
   processes (the reference's pipeline);
 - ffcv: `data.format=ffcv` on the .beton converted from the same folder, decoded once per image by FFCV's
-  threads, crops and flips in the decoder, colour ops as batched tensor ops on the CPU (the training device here,
-  so their cost is counted).
+  threads, crops and flips in the decoder, colour ops on the CPU (the training device here, so their cost is
+  counted): per-view uint8 OpenCV ops (`data.ffcv_colour_ops=opencv`, what a CPU run uses) and, for comparison,
+  the batched float tensor ops that run on a GPU (`data.ffcv_colour_ops=tensor`);
+- ffcv decode + crops only: what stays on the CPU when the colour ops run on a GPU.
 
 Reported per back end: wall time, CPU seconds of the process and of its children (all threads and worker
 processes, from psutil), images per second and images per CPU-second (the per-core throughput; images = B + K*P
@@ -213,13 +215,14 @@ def main() -> None:
             f"run.num_threads={args.torch_threads}",  # the FFCV back end restores this after FFCV changes it
         ]
         results = []
-        for name, fmt, path, rows_only in (
-            ("folder: PIL + torchvision in workers", "folder", root / "train", False),
-            ("ffcv: decode + crops, colour ops on the CPU", "ffcv", beton, False),
-            ("ffcv: decode + crops only (colour on a GPU)", "ffcv", beton, True),
+        for name, fmt, path, colour, rows_only in (
+            ("folder: PIL + torchvision in workers", "folder", root / "train", "auto", False),
+            ("ffcv: decode + crops, uint8 OpenCV colour on the CPU", "ffcv", beton, "opencv", False),
+            ("ffcv: decode + crops, float tensor colour on the CPU", "ffcv", beton, "tensor", False),
+            ("ffcv: decode + crops only (colour on a GPU)", "ffcv", beton, "auto", True),
         ):
             console.print(f"timing {name} ...")
-            overrides = [*common, f"data.format={fmt}", f"data.path={path}"]
+            overrides = [*common, f"data.format={fmt}", f"data.path={path}", f"data.ffcv_colour_ops={colour}"]
             results.append(measure(name, overrides, args.steps, args.warmup, rows_only))
 
     table = Table(

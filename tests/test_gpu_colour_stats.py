@@ -261,7 +261,7 @@ def test_device_colour_stage_is_the_colour_ops_then_imagenet_normalisation(
     view = dataclasses.replace(spec(jitter_p=0.8, grayscale_p=0.2, blur_p=0.5), size=24)
     u8 = (photo_like(12, 24, seed=12) * 255).round().to(torch.uint8)
     nhwc = u8.permute(0, 2, 3, 1).contiguous().to(device)  # what the decoder delivers
-    stage = DeviceColour(view, torch.device(device), channels_last)
+    stage = DeviceColour(view, torch.device(device), channels_last, ops="tensor")
     out = stage(nhwc, torch.Generator(device=device).manual_seed(13))
     params = sample_colour_params(12, view, torch.Generator(device=device).manual_seed(13))
     expected = apply_colour_params(u8.to(device).float() / 255.0, params, view)

@@ -69,6 +69,12 @@ class DataSettings(Section):
         None, gt=0, le=100, description="Labelled percentage per class instead of data.labels_per_class."
     )
     split_seed: int = Field(0, description="Seed of the class-balanced labelled draw.")
+    ffcv_colour_ops: Literal["auto", "tensor", "opencv"] = Field(
+        "auto",
+        description="Where data.format=ffcv applies colour jitter/grayscale/blur: tensor = batched tensor ops on "
+        "the training device; opencv = per-view uint8 OpenCV ops on the CPU (same random draws, 8-bit "
+        "precision like PIL, several times cheaper on a CPU); auto = opencv when run.device is cpu, else tensor.",
+    )
 
     @model_validator(mode="after")
     def _one_label_amount(self) -> DataSettings:

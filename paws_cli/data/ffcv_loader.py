@@ -10,7 +10,9 @@
   (:mod:`paws_cli.data.ffcv_ops`); the uint8 views go to the device (pinned memory and non-blocking copies on
   CUDA), where colour jitter (random op order, probability jitter_p), grayscale, Gaussian blur, solarize and
   equalize run as batched tensor ops with per-sample parameters (:mod:`paws_cli.data.augment`), then
-  normalisation with ImageNet's statistics, in channels_last layout when model.channels_last is set.
+  normalisation with ImageNet's statistics, in channels_last layout when model.channels_last is set. On a CPU
+  device the same draws drive per-view 8-bit OpenCV ops instead (:mod:`paws_cli.data.color_ops_uint8`, several
+  times cheaper there; data.ffcv_colour_ops chooses).
 
 Reproducibility: crops and flips are a hash of (run.seed, rank, role, global step, position in the batch, view)
 and the colour parameters come from a generator seeded by (run.seed, rank, global step) as on the other back
@@ -41,6 +43,7 @@ from torch import Tensor
 
 from paws_cli.config.schema import DataSettings, Settings
 from paws_cli.data.augment import ViewSpec, apply_colour_params, sample_colour_params
+from paws_cli.data.color_ops_uint8 import Normalizer, apply_colour_params_uint8
 from paws_cli.data.folder import IMAGENET_MEAN, IMAGENET_STD
 from paws_cli.data.pipeline import Batch, step_generator, view_specs
 from paws_cli.data.sampler import SupportSampler, UnlabelledOrder
@@ -115,17 +118,30 @@ class DeviceColour:
         channels_last: bool,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        ops: str = "auto",
     ) -> None:
+        if ops not in ("auto", "tensor", "opencv"):
+            raise ValueError(f"data.ffcv_colour_ops must be auto, tensor or opencv, got {ops!r}")
+        if ops == "opencv" and device.type != "cpu":
+            raise ValueError(
+                f"data.ffcv_colour_ops=opencv runs on the CPU, but run.device is {device.type}: use tensor "
+                "(or auto) to colour the views on the device"
+            )
         self.spec = spec
+        self.use_opencv = ops == "opencv" or (ops == "auto" and device.type == "cpu")
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.normalizer = Normalizer(mean, std, channels_last)
 
     def __call__(self, views: Tensor, generator: torch.Generator) -> Tensor:
         """``views``: uint8 (n, s, s, 3); returns float32 (n, 3, s, s) with this kind's colour ops applied."""
+        params = sample_colour_params(views.shape[0], self.spec, generator)
+        if self.use_opencv:
+            return self.normalizer(apply_colour_params_uint8(views.numpy(), params, self.spec))
         # NHWC permuted to NCHW is already channels_last in memory: the float copy keeps that layout.
         x = views.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        x = apply_colour_params(x, sample_colour_params(x.shape[0], self.spec, generator), self.spec)
+        x = apply_colour_params(x, params, self.spec)
         return ((x - self.mean) * self.inv_std).contiguous(memory_format=self.memory_format)
 
 
@@ -284,11 +300,22 @@ class FFCVTrainData:
 
         aug = settings.augment
         large, small = view_specs(aug)
-        large_colour = DeviceColour(large, device, settings.model.channels_last)
+        large_colour = DeviceColour(large, device, settings.model.channels_last, ops=cfg.ffcv_colour_ops)
         unlabelled_kinds = [(large, 2, large_colour)]
+        if large_colour.use_opencv:
+            import cv2
+
+            # Each OpenCV call works on one view of at most a few hundred pixels a side: its own worker threads
+            # cost more CPU than they save there (82 vs 56 ms of CPU per 96 views of 224 px), and FFCV's
+            # decoding threads already keep the other cores busy.
+            cv2.setNumThreads(1)
         if small is not None and aug.num_small:
             unlabelled_kinds.append(
-                (small, aug.num_small, DeviceColour(small, device, settings.model.channels_last))
+                (
+                    small,
+                    aug.num_small,
+                    DeviceColour(small, device, settings.model.channels_last, ops=cfg.ffcv_colour_ops),
+                )
             )
         # FFCV decodes in numba threads of this process; numba refuses more than it started with.
         self.workers = max(1, min(cfg.num_workers, int(numba.config.NUMBA_NUM_THREADS)))
