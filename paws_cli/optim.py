@@ -1,6 +1,7 @@
 """Optimiser and per-step learning-rate schedule, shared by every method.
 
-LARS and the warm-up + cosine schedule come from timm. What is ours is the parameter grouping: biases and
+LARS (its definition, groups and state; stepped by torch's fused SGD kernel) and the warm-up + cosine
+schedule come from timm. What is ours is the parameter grouping: biases and
 *every* normalisation parameter are excluded from weight decay and LARS adaptation by module type (the reference
 matched parameter names and missed the downsample BatchNorm weights).
 """
@@ -13,6 +14,7 @@ import torch
 from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 from torch import nn
+from torch.optim.sgd import sgd as fused_sgd  # torch's functional SGD; called with fused=True
 
 from paws_cli.config.schema import OptimSettings
 
@@ -40,6 +42,69 @@ def split_decay_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
     return adapted, excluded
 
 
+class FusedLars(Lars):
+    """timm's LARS (same arguments, parameter groups, state and arithmetic) stepped by torch's fused SGD kernel.
+
+    Why not timm's step: its multi-tensor path makes about eight passes over the parameters per step and
+    allocates two temporary copies of the gradients. Here the layer-wise trust ratio (and weight decay) is
+    folded into the gradients in place, then torch's fused SGD kernel does momentum, Nesterov and the update in
+    one pass. At ResNet-50 scale (31M parameters) on the CPU: 172 ms -> 24 ms per step (benchmarks/step.py
+    shows the effect on a whole step). The step consumes the gradients (they hold the adapted update after it);
+    the training loop clears them before the next backward anyway. Checkpoints are interchangeable with timm's.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201  (torch's Optimizer.step signature)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError("LARS does not support sparse gradients")
+            weight_decay = group["weight_decay"]
+            if weight_decay != 0 or group["always_adapt"]:
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                trust = group["trust_coeff"] * w_norm / (g_norm + w_norm * weight_decay + group["eps"])
+                # timm's rule: a ratio of 1 (plain SGD) where the weight or the gradient norm is 0
+                trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+                if group["trust_clip"]:
+                    trust = torch.clamp(trust / group["lr"], max=1.0)
+                if weight_decay != 0:
+                    torch._foreach_add_(grads, params, alpha=weight_decay)
+                torch._foreach_mul_(grads, list(trust.unbind(0)))
+            state = [self.state[p] for p in params]
+            # The fused kernel starts buffers (buf = grad) only when every buffer of its call is new, so
+            # parameters met for the first time go in a call of their own.
+            new = [i for i, st in enumerate(state) if "momentum_buffer" not in st]
+            old = [i for i, st in enumerate(state) if "momentum_buffer" in st]
+            for chosen in (new, old):
+                if not chosen:
+                    continue
+                buffers = [state[i].get("momentum_buffer") for i in chosen]
+                fused_sgd(
+                    [params[i] for i in chosen],
+                    [grads[i] for i in chosen],
+                    buffers,
+                    fused=True,
+                    weight_decay=0.0,
+                    momentum=group["momentum"],
+                    lr=group["lr"],
+                    dampening=group["dampening"],
+                    nesterov=group["nesterov"],
+                    maximize=False,
+                )
+                if group["momentum"] != 0:
+                    for i, buf in zip(chosen, buffers, strict=True):
+                        state[i]["momentum_buffer"] = buf
+        return loss
+
+
 def create_optimizer(model: nn.Module, cfg: OptimSettings) -> torch.optim.Optimizer:
     """LARS (timm) or SGD over two groups; the learning rate is set per step by the schedule."""
     adapted, excluded = split_decay_params(model)
@@ -50,15 +115,12 @@ def create_optimizer(model: nn.Module, cfg: OptimSettings) -> torch.optim.Optimi
             {"params": adapted, "weight_decay": cfg.weight_decay, "always_adapt": True},
             {"params": excluded, "weight_decay": 0.0, "always_adapt": False},
         ]
-        return Lars(
+        return FusedLars(
             groups,
             lr=cfg.lr,
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
             trust_coeff=cfg.trust_coefficient,
-            # timm picks its multi-tensor path on CUDA only; on the CPU it also saves a third of the step's
-            # optimiser time (benchmarks/step.py), with the same arithmetic.
-            foreach=True,
         )
     groups = [
         {"params": adapted, "weight_decay": cfg.weight_decay},

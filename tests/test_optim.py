@@ -86,3 +86,71 @@ def test_schedule_warmup_then_cosine_to_final_at_last_step() -> None:
     assert all(a >= b for a, b in zip(values[14:], values[15:]))  # never climbs again (reference bug)
     # resume is stateless: setting a step out of order gives the same value
     assert sched.set(33) == pytest.approx(values[33])
+
+
+def _lars_pair(nesterov: bool, trust_clip: bool) -> tuple[list[nn.Parameter], list[nn.Parameter], dict]:
+    torch.manual_seed(1)
+    shapes = [(4, 3), (5,), (2, 2, 3, 3), (0, 3)]  # an empty tensor: norms 0, trust ratio 1
+    ours = [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    ours.append(nn.Parameter(torch.zeros(3, dtype=torch.float64)))  # zero weights: trust ratio 1
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    kwargs = dict(
+        lr=0.3, momentum=0.9, nesterov=nesterov, trust_coeff=0.02, trust_clip=trust_clip, always_adapt=True
+    )
+    return ours, theirs, kwargs
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("trust_clip", [False, True])
+def test_fused_lars_equals_timms_lars_and_shares_its_checkpoints(nesterov: bool, trust_clip: bool) -> None:
+    from timm.optim import Lars
+
+    from paws_cli.optim import FusedLars
+
+    ours, theirs, kwargs = _lars_pair(nesterov, trust_clip)
+
+    def groups(ps: list[nn.Parameter]) -> list[dict]:
+        return [
+            {"params": ps[:3], "weight_decay": 1e-2},
+            {"params": ps[3:], "weight_decay": 0.0, "always_adapt": False},
+        ]
+
+    fused, reference = FusedLars(groups(ours), **kwargs), Lars(groups(theirs), foreach=False, **kwargs)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(5):
+        for k, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            # parameter 1 has no gradient at the first step: its momentum buffer starts one step late
+            grad = (
+                None if (step == 0 and k == 1) else torch.randn(a.shape, generator=gen, dtype=torch.float64)
+            )
+            a.grad = None if grad is None else grad.clone()
+            b.grad = None if grad is None else grad.clone()
+        if step == 3:  # resume: each optimiser continues from the other's checkpoint
+            fused_state, reference_state = fused.state_dict(), reference.state_dict()
+            fused.load_state_dict(reference_state)
+            reference.load_state_dict(fused_state)
+        fused.step()
+        reference.step()
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert fused.state[ours[1]]["momentum_buffer"] is not None
+
+
+def test_fused_lars_under_a_grad_scaler_steps_on_unscaled_gradients() -> None:
+    from paws_cli.optim import FusedLars
+
+    torch.manual_seed(3)
+    models = [nn.Linear(4, 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [
+        FusedLars(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, always_adapt=True) for m in models
+    ]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(8, 4)
+    models[0](x).square().sum().backward()
+    opts[0].step()
+    scaler.scale(models[1](x).square().sum()).backward()
+    scaler.step(opts[1])
+    scaler.update()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -180,7 +180,6 @@ def paws_loss(
 
 
 @torch.no_grad()
-@torch.no_grad()
 def paws_health(terms: PAWSLossTerms, tau: float, multicrop: int = 0) -> dict[str, Tensor]:
     """The paper's Figure 3 signals for one step, for reporting only (no gradient).
 
