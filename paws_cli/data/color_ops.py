@@ -108,6 +108,17 @@ def gaussian_kernels1d(sigma: Tensor, kernel_size: int, dtype: torch.dtype = tor
     return taps / taps.sum(dim=1, keepdim=True)
 
 
+def check_blur_fits(kernel_size: int, height: int, width: int) -> int:
+    """The reflect padding of a ``kernel_size`` blur, or a clear error where the images are too small for it."""
+    pad = kernel_size // 2
+    if pad >= height or pad >= width:
+        raise ValueError(
+            f"blur kernel size {kernel_size} is too large for {height}x{width} images (reflect padding needs "
+            "kernel_size // 2 < height and width); lower blur_kernel_frac"
+        )
+    return pad
+
+
 def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     """Separable Gaussian blur with a per-sample sigma and reflect padding, as torchvision's gaussian_blur.
 
@@ -115,12 +126,7 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     grouped convolution (one group per sample and channel) gives the same result at a fraction of the cost.
     """
     n, c, h, w = images.shape
-    pad = kernel_size // 2
-    if pad >= h or pad >= w:
-        raise ValueError(
-            f"blur kernel size {kernel_size} is too large for {h}x{w} images (reflect padding needs "
-            "kernel_size // 2 < height and width); lower blur_kernel_frac"
-        )
+    pad = check_blur_fits(kernel_size, h, w)
     taps = gaussian_kernels1d(sigma.to(images.device, non_blocking=True), kernel_size, images.dtype)
     taps = taps.repeat_interleave(c, dim=0)  # (n * c, k): every channel of a sample shares its sigma
     x = images.reshape(1, n * c, h, w)

@@ -431,10 +431,11 @@ def _train(
             writer.close()
     unreadable = round(mean_over_processes({"n": float(data.skipped_images)})["n"] * world)
     if main and unreadable:
+        distinct = sorted(set(data.skipped_files))
         console.print(
             f"warning: unreadable images were met {unreadable} time(s) (counted per read, as an unlabelled "
             f"image or a support) and replaced by others of their batch (data.bad_images=skip); "
-            f"{len(set(data.skipped_files))} distinct file(s) here, e.g. {sorted(set(data.skipped_files))[:3]}",
+            f"{len(distinct)} distinct file(s) here, e.g. {distinct[:3]}",
             style="yellow",
             markup=False,  # file names may hold brackets
             highlight=False,
