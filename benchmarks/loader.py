@@ -42,7 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 from paws_cli.config import load_settings
-from paws_cli.data.pipeline import Batch
+from paws_cli.data.sampling.batch import Batch
 from paws_cli.data.sources import build_train_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -142,9 +142,7 @@ def decoded_only(data: Any) -> Iterator[None]:
 def measure(name: str, overrides: list[str], steps: int, warmup: int, rows_only: bool = False) -> Result:
     settings = load_settings(None, overrides)
     data = build_train_data(settings, device=torch.device("cpu"))
-    per_step = (
-        settings.optim.batch_size + settings.support.classes_per_batch * settings.support.images_per_class
-    )
+    per_step = settings.optim.batch_size + settings.paws.classes_per_batch * settings.paws.images_per_class
     clock = CpuClock()
     stream: Iterator[Any] = decoded_only(data) if rows_only else endless(data)
     try:
@@ -208,8 +206,8 @@ def main() -> None:
             f"data.num_workers={args.workers}",
             "data.labels_per_class=4",
             f"optim.batch_size={args.batch}",
-            f"support.classes_per_batch={args.support_classes}",
-            f"support.images_per_class={args.support_images}",
+            f"paws.classes_per_batch={args.support_classes}",
+            f"paws.images_per_class={args.support_images}",
             "model.channels_last=false",
             "run.device=cpu",
             f"run.num_threads={args.torch_threads}",  # the FFCV back end restores this after FFCV changes it

@@ -24,17 +24,17 @@ from rich.console import Console
 from rich.table import Table
 
 from paws_cli.config import Settings, load_settings
-from paws_cli.data.pipeline import Batch
+from paws_cli.data.sampling.batch import Batch
 from paws_cli.methods import create_method
 from paws_cli.methods.base import encoder_of
 from paws_cli.optim import StepSchedule, create_optimizer
-from paws_cli.train.distributed_setup import DistContext, resolve_device, wrap_model
-from paws_cli.train.loop import autocast_for, make_grad_scaler
+from paws_cli.train.process_group import DistContext, resolve_device, wrap_model
+from paws_cli.train.step import autocast_for, make_grad_scaler
 
 
 def scaled_batch(settings: Settings, device: torch.device, in_chans: int, seed: int = 0) -> Batch:
     """Random views and supports with the recipe's (scaled) shapes, on the device."""
-    a, s, o = settings.augment, settings.support, settings.optim
+    a, s, o = settings.augment, settings.paws, settings.optim
     gen = torch.Generator().manual_seed(seed)
 
     def images(n: int, size: int) -> torch.Tensor:
@@ -52,11 +52,11 @@ def scaled_batch(settings: Settings, device: torch.device, in_chans: int, seed: 
 
 def scale_settings(settings: Settings, batch_scale: float, size_scale: float) -> Settings:
     """The recipe with a smaller unlabelled batch, fewer images per support class and smaller views."""
-    a, s, o = settings.augment, settings.support, settings.optim
+    a, s, o = settings.augment, settings.paws, settings.optim
     return settings.model_copy(
         update={
             "optim": o.model_copy(update={"batch_size": max(1, round(o.batch_size * batch_scale))}),
-            "support": s.model_copy(
+            "paws": s.model_copy(
                 update={"images_per_class": max(1, round(s.images_per_class * batch_scale))}
             ),
             "augment": a.model_copy(
@@ -94,7 +94,7 @@ def main() -> None:
         torch.set_flush_denormal(True)  # as the training loop does
 
     torch.manual_seed(0)
-    method = create_method(settings, in_chans=in_chans, num_classes=settings.support.classes_per_batch)
+    method = create_method(settings, in_chans=in_chans, num_classes=settings.paws.classes_per_batch)
     model = method.build_model().to(device)
     if settings.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -160,7 +160,7 @@ def main() -> None:
     full_s, net_s = [sum(p) for p in full_parts], [sum(p) for p in net_parts]
     full_ms, net_ms = 1000 * statistics.median(full_s), 1000 * statistics.median(net_s)
     ratio = full_ms / net_ms
-    a, s, o = settings.augment, settings.support, settings.optim
+    a, s, o = settings.augment, settings.paws, settings.optim
     table = Table(
         title=f"PAWS step vs network alone, recipe {args.recipe} ({settings.model.backbone}, {device}, "
         f"{torch.get_num_threads()} threads, {run.precision}"

@@ -17,10 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from paws_cli.config import load_settings
-from paws_cli.data.pipeline import TrainData, image_channels, labelled_indices, load_dataset
+from paws_cli.data.backends.memory import TrainData, image_channels, labelled_indices, load_dataset
+from paws_cli.data.needs import needs_of
 from paws_cli.methods import create_method
 from paws_cli.optim import StepSchedule, create_optimizer
-from paws_cli.train.loop import autocast_for, resolve_device
+from paws_cli.train.process_group import resolve_device
+from paws_cli.train.step import autocast_for
 
 
 def main() -> None:
@@ -39,7 +41,7 @@ def main() -> None:
     labelled, _ = labelled_indices(settings.data, dataset)
     method = create_method(settings, image_channels(dataset), dataset.num_classes)
     model = method.build_model().to(device)
-    data = TrainData(settings, dataset, labelled, device=device, need_unlabelled=method.needs_unlabelled)
+    data = TrainData(settings, dataset, labelled, device=device, needs=needs_of(settings))
     optimizer = create_optimizer(model, settings.optim)
     schedule = StepSchedule(optimizer, settings.optim, 10_000, data.steps_per_epoch)
     batches = data.epoch(0, 0)
@@ -61,7 +63,7 @@ def main() -> None:
             data_ms.append(1000 * (t1 - t0))
             compute_ms.append(1000 * (t2 - t1))
     step_ms = statistics.mean(d + c for d, c in zip(data_ms, compute_ms, strict=True))
-    o, a, s = settings.optim, settings.augment, settings.support
+    o, a, s = settings.optim, settings.augment, settings.paws
     table = Table(
         title=f"train step, recipe {args.recipe} ({settings.model.backbone}, {torch.get_num_threads()} threads)"
     )

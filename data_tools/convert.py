@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from paws_cli.data import arrays
+from paws_cli.data.datasets import arrays
 
 
 def convert_fashion_mnist(

@@ -18,7 +18,7 @@ Two passes, both in worker processes:
    forever) and stop everything cleanly on an error or Ctrl-C.
 
 The .beton is written under a temporary name in the output folder and renamed at the end: an interrupted run
-leaves no half-written file under the final name. The sidecar index (:mod:`paws_cli.data.sidecar`) is written
+leaves no half-written file under the final name. The sidecar index (:mod:`paws_cli.data.backends.sidecar`) is written
 right after the rename; a stale sidecar of an older conversion is removed before it.
 """
 
@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from paws_cli import __version__
-from paws_cli.data import sidecar as sc
+from paws_cli.data.backends import sidecar as sc
 from paws_cli.io_utils import atomic_path
 
 WriteMode = Literal["raw", "jpg", "smart", "proportion"]

@@ -28,8 +28,8 @@ from typing import Literal
 
 import numpy as np
 
-from paws_cli.data.arrays import META_FILE, load_array_dataset
-from paws_cli.data.splits import (
+from paws_cli.data.datasets.arrays import META_FILE, load_array_dataset
+from paws_cli.data.splits.files import (
     OFFICIAL_PREFIX,
     SplitFile,
     make_balanced_split,
@@ -40,7 +40,7 @@ from paws_cli.data.splits import (
     split_entry_class,
     write_split,
 )
-from paws_cli.splits import OFFICIAL_LISTS, official_list
+from paws_cli.data.splits.official import OFFICIAL_LISTS, official_list
 
 #: Offset between the labelled draw's seed and the validation draw's, so the two use unrelated streams.
 VAL_SEED_OFFSET = 1_000_003
@@ -93,10 +93,10 @@ def _scan_imagefolder(root: Path) -> DatasetFiles:
 
 def _read_beton(path: Path) -> DatasetFiles:
     try:
-        from paws_cli.data.sidecar import read_sidecar
+        from paws_cli.data.backends.sidecar import read_sidecar
     except ImportError as exc:  # pragma: no cover - the module ships with the package
         raise ValueError(
-            f"cannot read {path}: this installation lacks paws_cli.data.sidecar ({exc})"
+            f"cannot read {path}: this installation lacks paws_cli.data.backends.sidecar ({exc})"
         ) from exc
     sidecar = read_sidecar(path)
     files = [str(f) for f in sidecar.files]

@@ -25,6 +25,7 @@ from paws_cli.config import (
     setting_paths,
     settings_to_yaml,
 )
+from paws_cli.config.trees import lookup
 
 app = typer.Typer(
     name="paws",
@@ -34,7 +35,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-recipes_app = typer.Typer(help="List and show the named recipes in recipes/.", no_args_is_help=True)
+recipes_app = typer.Typer(help="List and show the named recipes in paws_cli/recipes/.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 console = Console(soft_wrap=True)  # long lines stay whole in logs and pipes
 err_console = Console(stderr=True)
@@ -44,7 +45,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 RecipeOption = Annotated[
     str | None,
     typer.Option(
-        "--recipe", "-r", help="Recipe name in recipes/ or a YAML path (a run's resolved_config.yaml too)."
+        "--recipe",
+        "-r",
+        help="Recipe name in paws_cli/recipes/ or a YAML path (a run's resolved_config.yaml too).",
     ),
 ]
 OverridesArg = Annotated[
@@ -57,12 +60,15 @@ def user_errors(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from paws_cli.train.checkpoint import CheckpointError
-        from paws_cli.train.loop import NonFiniteLossError
+        from paws_cli.train.checkpoint_io import CheckpointError
+        from paws_cli.train.guards import NonFiniteLossError, TrainingInterruptedError
         from paws_cli.train.rundir import RunDirError
 
         try:
             return fn(*args, **kwargs)
+        except TrainingInterruptedError as exc:
+            err_console.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         except (
             ConfigError,
             CheckpointError,
@@ -126,7 +132,7 @@ def pretrain(
         console=console,
         default_name=_default_name(recipe, settings),
     )
-    if result.is_main:
+    if result.is_main and not result.already_complete:
         console.print(
             f"done: {result.steps} steps in {result.train_seconds:.1f} s ({result.images_per_second:.0f} unlabelled "
             f"img/s, data wait {100 * result.data_fraction:.1f}%); checkpoint {result.checkpoint}"
@@ -204,7 +210,7 @@ def convert_dataset(
 ) -> None:
     """Convert Fashion-MNIST into the toolkit's on-disk array format."""
     from data_tools.convert import convert_dataset as convert
-    from paws_cli.data.arrays import load_array_dataset
+    from paws_cli.data.datasets.arrays import load_array_dataset
 
     path = convert("fashion-mnist", out, root)
     ds = load_array_dataset(path)
@@ -459,6 +465,7 @@ def reproduce(
         overrides=set_ or [],
         pretrain_overrides=pretrain_set or [],
         console=console,
+        cli_app=app,
     )
     if code:
         raise typer.Exit(code)
@@ -475,10 +482,13 @@ def settings_cmd(overrides: OverridesArg = None, recipe: RecipeOption = None) ->
     table.add_column("description")
     dumped = settings.model_dump(mode="json")
     for key, info in setting_paths().items():
-        value: Any = dumped
-        for part in key.split("."):
-            value = value[part]
-        table.add_row(key, json.dumps(value), info.description or "")
+        section = key.split(".", 1)[0]
+        if section not in dumped:  # another method's section, absent from these settings: its default
+            value: Any = info.get_default(call_default_factory=True)
+            text = f"{json.dumps(value, default=list)} (method={section} only)"
+        else:
+            text = json.dumps(lookup(dumped, key))
+        table.add_row(key, text, info.description or "")
     console.print(table)
 
 

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from paws_cli.checkpoints import load_pretrained, resolve_settings
 from paws_cli.config import load_settings
-from paws_cli.data.pipeline import load_dataset
+from paws_cli.data.backends.memory import load_dataset
 from paws_cli.eval.knn_eval import evaluate_checkpoint, raw_pixel_soft_nn
 from paws_cli.finetune.train import run_finetune
 from paws_cli.io_utils import atomic_write_text
-from paws_cli.train.checkpoint import load_checkpoint
+from paws_cli.pretrained import load_pretrained, resolve_settings
+from paws_cli.train.checkpoint_io import load_checkpoint
 from paws_cli.train.loop import train
 
 

@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 import paws_cli.models
-from paws_cli.checkpoints import PretrainedWeights, check_state, load_pretrained
 from paws_cli.io_utils import atomic_path
+from paws_cli.pretrained import PretrainedWeights, check_state, load_pretrained
 
 FORMATS = ("safetensors", "timm")
 

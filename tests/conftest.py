@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from paws_cli.data.arrays import write_array_dataset
+from paws_cli.data.datasets.arrays import write_array_dataset
 
 
 def _class_images(rng: np.random.Generator, label: int, count: int, size: int = 16) -> np.ndarray:
@@ -46,8 +46,10 @@ def tiny_overrides(tiny_dataset: Path, tmp_path: Path) -> list[str]:
         "augment.large_size=16",
         "augment.small_size=8",
         "augment.num_small=2",
-        "support.classes_per_batch=4",
-        "support.images_per_class=2",
+        "paws.classes_per_batch=4",
+        "paws.images_per_class=2",
+        "supervised.classes_per_batch=4",  # the baseline's labelled batch (method=supervised)
+        "supervised.images_per_class=2",
         "optim.batch_size=16",
         "optim.epochs=2",
         "optim.warmup_epochs=0.5",

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torchvision import transforms
 
-from paws_cli.data import color_ops
-from paws_cli.data.augment import (
+from paws_cli.data.augment import color_ops
+from paws_cli.data.augment.views import (
     MultiCropAugment,
     ViewSpec,
     apply_view_params,

@@ -26,9 +26,9 @@ from typer.testing import CliRunner
 
 from paws_cli.cli import app
 from paws_cli.config import load_settings
-from paws_cli.data.arrays import load_array_dataset
-from paws_cli.data.splits import write_split
-from paws_cli.train.checkpoint import load_checkpoint, save_checkpoint
+from paws_cli.data.datasets.arrays import load_array_dataset
+from paws_cli.data.splits.files import write_split
+from paws_cli.train.checkpoint_io import load_checkpoint, save_checkpoint
 from paws_cli.train.loop import train
 
 pytestmark = pytest.mark.slow  # several cases train a few steps first; make test runs them
@@ -77,8 +77,8 @@ def _tiny(dataset: Path, runs: Path) -> list[str]:
         "augment.large_size=16",
         "augment.small_size=8",
         "augment.num_small=2",
-        "support.classes_per_batch=4",
-        "support.images_per_class=2",
+        "paws.classes_per_batch=4",
+        "paws.images_per_class=2",
         "optim.batch_size=16",
         "optim.epochs=2",
         "optim.warmup_epochs=0.5",
@@ -112,8 +112,8 @@ def _folder_overrides(root: Path, runs: Path) -> list[str]:
         "augment.large_size=24",
         "augment.small_size=12",
         "augment.num_small=2",
-        "support.classes_per_batch=4",
-        "support.images_per_class=2",
+        "paws.classes_per_batch=4",
+        "paws.images_per_class=2",
         "optim.batch_size=8",
         "optim.epochs=1",
         "optim.warmup_epochs=0",
@@ -170,7 +170,7 @@ def recipe_typo_in_a_nested_key(ctx: Ctx) -> tuple[list[str], list[str], None]:
 
 
 def override_typo(ctx: Ctx) -> tuple[list[str], list[str], None]:
-    return [*PRETRAIN, "loss.sharpen_t=0.3"], ["'loss.sharpen_t'", "Did you mean 'loss.sharpen_T'"], None
+    return [*PRETRAIN, "loss.sharpen_t=0.3"], ["'loss.sharpen_t'", "Did you mean 'paws.sharpen_T'"], None
 
 
 def environment_variable_typo(ctx: Ctx) -> tuple[list[str], list[str], dict[str, str]]:
@@ -186,19 +186,19 @@ def negative_learning_rate(ctx: Ctx) -> tuple[list[str], list[str], None]:
 
 
 def sharpen_temperature_zero(ctx: Ctx) -> tuple[list[str], list[str], None]:
-    return [*PRETRAIN, "loss.sharpen_T=0"], ["loss.sharpen_T", "greater than 0", "got 0"], None
+    return [*PRETRAIN, "paws.sharpen_T=0"], ["paws.sharpen_T", "greater than 0", "got 0"], None
 
 
 def sharpen_temperature_negative_in_a_recipe(ctx: Ctx) -> tuple[list[str], list[str], None]:
-    path = _recipe(ctx, "base: fmnist_demo\nloss:\n  sharpen_T: -0.5\n")
-    return ["pretrain", "--recipe", str(path)], ["loss.sharpen_T", "greater than 0", str(path)], None
+    path = _recipe(ctx, "base: fmnist_demo\npaws:\n  sharpen_T: -0.5\n")
+    return ["pretrain", "--recipe", str(path)], ["paws.sharpen_T", "greater than 0", str(path)], None
 
 
 def support_larger_than_the_labelled_set(ctx: Ctx) -> tuple[list[str], list[str], None]:
     # 4 labelled images per class, 5 asked per class and step
     return (
-        [*PRETRAIN, *ctx.tiny, "support.images_per_class=5"],
-        ["support.images_per_class=5", "4 labelled images", "lower support.images_per_class"],
+        [*PRETRAIN, *ctx.tiny, "paws.images_per_class=5"],
+        ["paws.images_per_class=5", "4 labelled images", "lower paws.images_per_class"],
         None,
     )
 
@@ -214,7 +214,7 @@ def split_with_too_few_images_in_a_class(ctx: Ctx) -> tuple[list[str], list[str]
     write_split(path, sorted(ids), {"dataset": "tiny-stripes"})
     return (
         [*PRETRAIN, *ctx.tiny, f"data.split={path}"],
-        ["class 2 has 1 labelled images", "support.images_per_class=2"],
+        ["class 2 has 1 labelled images", "paws.images_per_class=2"],
         None,
     )
 
@@ -289,7 +289,7 @@ def corrupt_checkpoint_for_evaluation(ctx: Ctx) -> tuple[list[str], list[str], N
 
 def corrupt_checkpoint_on_resume(ctx: Ctx) -> tuple[list[str], list[str], None]:
     path = _truncated(ctx, ctx.tmp / "runs" / "tiny" / "checkpoint.pt")
-    return [*PRETRAIN, *ctx.tiny, "--resume"], [str(path), "corrupt or truncated"], None
+    return [*PRETRAIN, *ctx.tiny, "--resume"], [str(path), "truncated or corrupt"], None
 
 
 def checkpoint_holding_python_objects(ctx: Ctx) -> tuple[list[str], list[str], None]:

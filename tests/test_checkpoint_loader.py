@@ -16,14 +16,14 @@ import torch
 import torchvision
 from rich.console import Console
 
-from paws_cli.checkpoints import load_pretrained, resolve_settings
 from paws_cli.config import ConfigError, load_settings
-from paws_cli.data.arrays import write_array_dataset
+from paws_cli.data.datasets.arrays import write_array_dataset
 from paws_cli.eval.knn_eval import knn_eval_command
 from paws_cli.finetune.command import finetune_command
 from paws_cli.methods.paws import PAWSModel
 from paws_cli.models import PAWSEncoder, create_encoder
-from paws_cli.train.checkpoint import CheckpointError, save_checkpoint
+from paws_cli.pretrained import load_pretrained, resolve_settings
+from paws_cli.train.checkpoint_io import CheckpointError, save_checkpoint
 
 QUIET = Console(quiet=True)
 
@@ -230,9 +230,9 @@ def test_knn_eval_and_finetune_accept_released_checkpoints(
     result = knn_eval_command(path, None, [*data, "eval.knn_k=3"], output=tmp_path / "k.json", console=QUIET)
     assert result.bank_size == 16 and result.queries == 32 and result.embedding == "prediction"
     # independent float64 PAWS-NN with the source encoder and the same bank
-    from paws_cli.data.arrays import load_array_dataset
-    from paws_cli.data.augment import eval_transform
-    from paws_cli.data.pipeline import as_nchw, labelled_indices
+    from paws_cli.data.augment.views import eval_transform
+    from paws_cli.data.backends.memory import as_nchw, labelled_indices
+    from paws_cli.data.datasets.arrays import load_array_dataset
 
     ds = load_array_dataset(rgb_dataset)
     settings = load_settings("fmnist_demo", data, environ={})

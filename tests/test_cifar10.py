@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from paws_cli.config.schema import DataSettings, Settings
-from paws_cli.data import cifar10
-from paws_cli.data.eval_data import MemoryEvalData, build_eval_data
-from paws_cli.data.pipeline import labelled_indices, load_dataset
+from paws_cli.data.backends.eval_data import MemoryEvalData, build_eval_data
+from paws_cli.data.backends.memory import labelled_indices, load_dataset
+from paws_cli.data.datasets import cifar10
 from paws_cli.data.sources import build_train_data
-from paws_cli.data.splits import read_split
+from paws_cli.data.splits.files import read_split
 
 NAMES = [n.encode() for n in cifar10.CLASS_NAMES]
 
@@ -113,7 +113,7 @@ def test_settings_load_it_and_train_batches_come_from_memory(fake: Path) -> None
         {
             "data": {"dataset": "cifar10", "path": str(fake), "labels_per_class": 1},
             "augment": {"large_size": 32, "large_scale": (0.75, 1.0), "small_size": 18, "num_small": 2},
-            "support": {"classes_per_batch": 2, "images_per_class": 1},
+            "paws": {"classes_per_batch": 2, "images_per_class": 1},
             "optim": {"batch_size": 16},
         }
     )

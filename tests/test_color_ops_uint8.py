@@ -1,4 +1,4 @@
-"""The FFCV back end's CPU colour ops (uint8 OpenCV, paws_cli/data/color_ops_uint8.py) against the float definition.
+"""The FFCV back end's CPU colour ops (uint8 OpenCV, paws_cli/data/augment/color_ops_uint8.py) against the float definition.
 
 The batched float ops (tests/test_gpu_colour_stats.py ties them to torchvision) define each op; the uint8 path must
 give the same views up to 8-bit rounding, and never be further from the definition than torchvision's PIL path,
@@ -17,11 +17,11 @@ from test_gpu_colour_stats import photo_like, spec
 from torchvision.transforms import functional as F1
 from torchvision.transforms.v2 import functional as F2
 
-from paws_cli.data import color_ops
-from paws_cli.data import color_ops_uint8 as u8ops
-from paws_cli.data.augment import ViewSpec, apply_colour_params, sample_colour_params
-from paws_cli.data.ffcv_loader import DeviceColour
-from paws_cli.data.folder import IMAGENET_MEAN, IMAGENET_STD
+from paws_cli.data.augment import color_ops
+from paws_cli.data.augment import color_ops_uint8 as u8ops
+from paws_cli.data.augment.views import ViewSpec, apply_colour_params, sample_colour_params
+from paws_cli.data.backends.ffcv_loader import DeviceColour
+from paws_cli.data.backends.folder import IMAGENET_MEAN, IMAGENET_STD
 
 
 def images(n: int = 48, size: int = 40, seed: int = 4) -> tuple[torch.Tensor, np.ndarray]:

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from data_tools import convert_imagefolder as ci
 from paws_cli.cli import app
-from paws_cli.data import sidecar as sc
+from paws_cli.data.backends import sidecar as sc
 
 HAS_FFCV = importlib.util.find_spec("ffcv") is not None
 needs_ffcv = pytest.mark.skipif(

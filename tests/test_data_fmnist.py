@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from data_tools.convert import convert_dataset, convert_fashion_mnist
-from paws_cli.data import fmnist
-from paws_cli.data.arrays import (
+from paws_cli.data.datasets import fmnist
+from paws_cli.data.datasets.arrays import (
     ArrayDataset,
     channel_stats,
     is_array_dataset,
@@ -20,7 +20,7 @@ from paws_cli.data.arrays import (
     resolve_fmnist,
     write_array_dataset,
 )
-from paws_cli.data.fmnist import CLASS_NAMES, find_fashion_mnist, load_fashion_mnist, read_idx
+from paws_cli.data.datasets.fmnist import CLASS_NAMES, find_fashion_mnist, load_fashion_mnist, read_idx
 from paws_cli.io_utils import _current_umask, atomic_path, atomic_write_bytes, atomic_write_text
 
 # Independent writer: type code and big-endian format character per numpy dtype.

@@ -3,7 +3,7 @@
 The parity tests guard the most subtle part of the method: for the same global inputs, the PAWS loss and the
 parameter gradients after DDP's averaging must equal one process computing the whole global batch (supports
 concatenated in rank order). They hold only if the support gather's backward sums every process's gradient and
-the me-max mean's backward is the identity (paws_cli/distributed.py). On the CPU, BatchNorm runs in eval mode
+the me-max mean's backward is the identity (paws_cli/collectives.py). On the CPU, BatchNorm runs in eval mode
 with running statistics set to the global batch's (torch's SyncBatchNorm needs a GPU, and per-process batch
 statistics would differ from the global ones); on a machine with CUDA the same test also runs in training
 mode with SyncBatchNorm (both processes on cuda:0, gloo).
@@ -26,13 +26,14 @@ import torch.multiprocessing as mp
 from rich.console import Console
 from torch import nn
 
+from paws_cli.collectives import all_reduce_mean, gather_with_grad, max_over_processes, mean_over_processes
 from paws_cli.config import load_settings
-from paws_cli.data.pipeline import Batch
-from paws_cli.data.sampler import SupportSampler, UnlabelledOrder
-from paws_cli.distributed import all_reduce_mean, gather_with_grad, max_over_processes, mean_over_processes
+from paws_cli.data.sampling.batch import Batch
+from paws_cli.data.sampling.samplers import SupportSampler, UnlabelledOrder
 from paws_cli.methods import create_method
-from paws_cli.train.checkpoint import CheckpointError, load_checkpoint
-from paws_cli.train.distributed_setup import (
+from paws_cli.train.checkpoint_io import CheckpointError, load_checkpoint
+from paws_cli.train.loop import train
+from paws_cli.train.process_group import (
     DistContext,
     init_distributed,
     main_first,
@@ -40,7 +41,6 @@ from paws_cli.train.distributed_setup import (
     sync_batchnorm,
     wrap_model,
 )
-from paws_cli.train.loop import train
 
 WORLD = 2
 QUIET = Console(quiet=True)
@@ -49,11 +49,11 @@ B, M, K, P = 3, 2, 2, 2
 
 #: name -> (overrides, support views V)
 CASES: dict[str, tuple[list[str], int]] = {
-    "pred_unique": (["model.pred_hidden_dim=8", "support.unique_classes_per_rank=true"], 1),
-    "nopred_unique": (["model.pred_hidden_dim=null", "support.unique_classes_per_rank=true"], 1),
-    "pred_shared": (["model.pred_hidden_dim=8", "support.unique_classes_per_rank=false"], 1),
-    "nopred_shared_2views": (["model.pred_hidden_dim=null", "support.unique_classes_per_rank=false"], 2),
-    "no_memax_no_smoothing": (["model.pred_hidden_dim=8", "loss.me_max=false", "loss.label_smoothing=0"], 1),
+    "pred_unique": (["model.pred_hidden_dim=8", "paws.unique_classes_per_rank=true"], 1),
+    "nopred_unique": (["model.pred_hidden_dim=null", "paws.unique_classes_per_rank=true"], 1),
+    "pred_shared": (["model.pred_hidden_dim=8", "paws.unique_classes_per_rank=false"], 1),
+    "nopred_shared_2views": (["model.pred_hidden_dim=null", "paws.unique_classes_per_rank=false"], 2),
+    "no_memax_no_smoothing": (["model.pred_hidden_dim=8", "paws.me_max=false", "paws.label_smoothing=0"], 1),
 }
 
 
@@ -64,7 +64,7 @@ def _case_settings(name: str) -> Any:
         "model.proj_out_dim=16",
         "model.proj_layers=2",
         "model.channels_last=false",
-        "loss.label_smoothing=0.1",
+        "paws.label_smoothing=0.1",
         "run.precision=fp32",
     ]
     return load_settings("fmnist_demo", [*base, *CASES[name][0]], environ={})
@@ -77,7 +77,7 @@ def _global_inputs(name: str) -> tuple[list[torch.Tensor], list[torch.Tensor], t
     views = [torch.randn(WORLD * B, 1, 8, 8, generator=gen) for _ in range(2)]
     views += [torch.randn(WORLD * B, 1, 4, 4, generator=gen) for _ in range(M)]
     supports = [torch.randn(WORLD * K * P, 1, 8, 8, generator=gen) for _ in range(views_per_support)]
-    unique = settings.support.unique_classes_per_rank
+    unique = settings.paws.unique_classes_per_rank
     # The sampler's layout: P rounds of one image per class; each process its own K classes (or the same K).
     classes = torch.cat(
         [torch.arange(r * K if unique else 0, (r + 1) * K if unique else K).repeat(P) for r in range(WORLD)]
@@ -428,7 +428,7 @@ def two_process_runs(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactor
         "augment.large_size=16",
         "augment.small_size=8",
         "augment.num_small=2",
-        "support.images_per_class=2",
+        "paws.images_per_class=2",
         "optim.epochs=2",
         "optim.warmup_epochs=0.5",
         "model.proj_hidden_dim=64",
@@ -442,7 +442,7 @@ def two_process_runs(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactor
         "run.device=cpu",
     ]
     # 2 processes x (8 images, 2 classes) = the global batch of 1 process x (16 images, 4 classes)
-    per_rank = [*common, "optim.batch_size=8", "support.classes_per_batch=2"]
+    per_rank = [*common, "optim.batch_size=8", "paws.classes_per_batch=2"]
     mp.spawn(_train_worker, args=(_free_port(), per_rank), nprocs=WORLD, join=True)
     return out, common
 
@@ -464,10 +464,10 @@ def test_two_processes_resume_exactly(two_process_runs: tuple[Path, list[str]]) 
 
 def test_resume_on_one_process_keeping_the_global_batch(two_process_runs: tuple[Path, list[str]]) -> None:
     _, common = two_process_runs
-    wrong = [*common, "run.name=half", "optim.batch_size=8", "support.classes_per_batch=4"]
+    wrong = [*common, "run.name=half", "optim.batch_size=8", "paws.classes_per_batch=4"]
     with pytest.raises(CheckpointError, match=r"global batch: saved 16, this run 8"):
         train(load_settings("fmnist_demo", wrong, environ={}), console=QUIET, resume=True)
-    one = [*common, "run.name=half", "optim.batch_size=16", "support.classes_per_batch=4"]
+    one = [*common, "run.name=half", "optim.batch_size=16", "paws.classes_per_batch=4"]
     result = train(load_settings("fmnist_demo", one, environ={}), console=QUIET, resume=True)
     state = load_checkpoint(result.checkpoint)
     assert result.steps == state["step"] == 32 and state["world_size"] == 1
@@ -479,7 +479,7 @@ def test_torchrun_launches_pretrain(tiny_overrides: list[str], tmp_path: Path) -
     overrides = [
         *tiny_overrides,
         "optim.batch_size=8",
-        "support.classes_per_batch=2",
+        "paws.classes_per_batch=2",
         "run.max_steps=3",
         "run.num_threads=1",
     ]

@@ -12,13 +12,13 @@ from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from paws_cli.checkpoints import PretrainedWeights, load_pretrained, suncet_to_encoder_state
 from paws_cli.cli import app
 from paws_cli.config import load_settings
 from paws_cli.export import export_command, export_weights, timm_backbone_state
 from paws_cli.methods.paws import PAWSModel
 from paws_cli.models import create_encoder
-from paws_cli.train.checkpoint import CheckpointError, save_checkpoint
+from paws_cli.pretrained import PretrainedWeights, load_pretrained, suncet_to_encoder_state
+from paws_cli.train.checkpoint_io import CheckpointError, save_checkpoint
 
 QUIET = Console(quiet=True)
 

@@ -1,4 +1,4 @@
-"""The FFCV decoder's random numbers and crop law (paws_cli/data/ffcv_ops.py): counter-based streams that are
+"""The FFCV decoder's random numbers and crop law (paws_cli/data/backends/ffcv_ops.py): counter-based streams that are
 uniform and unrelated, random-resized crops with torchvision's law and central-crop fallback, how decoded rows are
 cut into views, and the sample/token encoding of the traversal order. tests/test_ffcv_loader.py tests the loader.
 """
@@ -23,7 +23,7 @@ needs_ffcv = pytest.mark.skipif(
 
 def stream(key: np.uint64, token: int, view: int) -> np.uint64:
     """A (key, token, view) stream state, as a uint64 (numba returns it to Python as an int)."""
-    from paws_cli.data import ffcv_ops
+    from paws_cli.data.backends import ffcv_ops
 
     return np.uint64(ffcv_ops.view_stream(key, np.uint64(token), np.uint64(view)))
 
@@ -32,7 +32,7 @@ def stream(key: np.uint64, token: int, view: int) -> np.uint64:
 def test_stream_draws_are_uniform_and_unrelated() -> None:
     from scipy import stats
 
-    from paws_cli.data import ffcv_ops
+    from paws_cli.data.backends import ffcv_ops
 
     key = np.uint64(123456789)
     draws = np.array(
@@ -67,7 +67,7 @@ def torchvision_boxes(n: int, height: int, width: int, scale: tuple, seed: int) 
 
 
 def our_boxes(n: int, height: int, width: int, scale: tuple, key: int = 7) -> np.ndarray:
-    from paws_cli.data import ffcv_ops
+    from paws_cli.data.backends import ffcv_ops
 
     lo, hi = math.log(3 / 4), math.log(4 / 3)
     return np.array(
@@ -116,7 +116,7 @@ def test_crop_fallback_is_torchvisions_central_crop() -> None:
 
 
 def test_group_views_cuts_rows_view_major() -> None:
-    from paws_cli.data.ffcv_loader import group_views
+    from paws_cli.data.backends.ffcv_loader import group_views
 
     # Two samples; per row: 2 views of 2x2 px, then 1 view of 1x1 px (HWC bytes, as the decoder writes them).
     rows = torch.arange(2 * 27, dtype=torch.uint8).view(2, 27)
@@ -130,7 +130,7 @@ def test_group_views_cuts_rows_view_major() -> None:
 
 @needs_ffcv
 def test_encoded_indices_round_trip_and_overflow() -> None:
-    from paws_cli.data import ffcv_ops
+    from paws_cli.data.backends import ffcv_ops
 
     samples, tokens = np.array([0, 5, 9]), np.array([0, 7, 2**40])
     encoded = ffcv_ops.encode_tokens(samples, tokens, 10)

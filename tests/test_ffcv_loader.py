@@ -14,6 +14,7 @@ import importlib.util
 import math
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,11 @@ from typer.testing import CliRunner
 
 from paws_cli.cli import app
 from paws_cli.config.schema import Settings
-from paws_cli.data.folder import IMAGENET_MEAN, IMAGENET_STD, folder_labelled, scan_image_folder
-from paws_cli.data.sampler import SupportSampler, UnlabelledOrder
-from paws_cli.data.sidecar import read_sidecar, sidecar_path
-from paws_cli.data.splits import write_split
+from paws_cli.data.backends.folder import IMAGENET_MEAN, IMAGENET_STD, folder_labelled, scan_image_folder
+from paws_cli.data.backends.sidecar import read_sidecar, sidecar_path
+from paws_cli.data.needs import needs_of
+from paws_cli.data.sampling.samplers import SupportSampler, UnlabelledOrder
+from paws_cli.data.splits.files import write_split
 
 HAS_FFCV = importlib.util.find_spec("ffcv") is not None
 needs_ffcv = pytest.mark.skipif(
@@ -107,7 +109,7 @@ def settings_for(beton: Path, **changes: object) -> Settings:
             "labels_per_class": 4,
         },
         "augment": {"large_size": 24, "small_size": 12, "num_small": 2},
-        "support": {"classes_per_batch": 4, "images_per_class": 2},
+        "paws": {"classes_per_batch": 4, "images_per_class": 2},
         "optim": {"batch_size": 8},
         "model": {"channels_last": False},
     }
@@ -125,7 +127,7 @@ def no_colour(beton: Path, **changes: object) -> Settings:
 
 
 def make_data(settings: Settings, **kwargs: object):
-    from paws_cli.data.ffcv_loader import FFCVTrainData
+    from paws_cli.data.backends.ffcv_loader import FFCVTrainData
 
     return FFCVTrainData(settings, device=CPU, **kwargs)
 
@@ -168,7 +170,7 @@ def test_decoder_cuts_the_drawn_crops_exactly(noise_beton: Path) -> None:
     from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import ToTensor
 
-    from paws_cli.data import ffcv_ops
+    from paws_cli.data.backends import ffcv_ops
 
     groups = [ffcv_ops.CropGroup(24, 2, (0.14, 1.0)), ffcv_ops.CropGroup(12, 3, (0.05, 0.3), flip_p=0.5)]
     sidecar = read_sidecar(noise_beton)
@@ -254,7 +256,7 @@ def test_ranks_cover_each_epoch_disjointly(coded_beton: Path) -> None:
     world = 3
     seen: dict[int, list[torch.Tensor]] = {}
     for rank in range(world):
-        settings = no_colour(coded_beton, optim__batch_size=4, support__classes_per_batch=1)
+        settings = no_colour(coded_beton, optim__batch_size=4, paws__classes_per_batch=1)
         data = make_data(settings, world_size=world, rank=rank)
         assert data.order.world_size == world and data.steps_per_epoch == 4
         expected = list(UnlabelledOrder(48, 4, world_size=world, rank=rank, seed=0))
@@ -344,7 +346,8 @@ def test_batches_do_not_depend_on_the_thread_count(jpeg_beton: Path) -> None:
 @needs_ffcv
 def test_another_seed_gives_other_crops(jpeg_beton: Path) -> None:
     def first_supports(**changes: object) -> torch.Tensor:
-        data = make_data(settings_for(jpeg_beton, **changes), need_unlabelled=False)
+        settings = settings_for(jpeg_beton, **changes)
+        data = make_data(settings, needs=replace(needs_of(settings), unlabelled_views=False))
         return next(iter(data.epoch(0, 0))).supports[0]
 
     assert not torch.equal(first_supports(), first_supports(run__seed=1))
@@ -352,7 +355,8 @@ def test_another_seed_gives_other_crops(jpeg_beton: Path) -> None:
 
 @needs_ffcv
 def test_supervised_method_gets_supports_only(jpeg_beton: Path) -> None:
-    data = make_data(settings_for(jpeg_beton), need_unlabelled=False)
+    settings = settings_for(jpeg_beton)
+    data = make_data(settings, needs=replace(needs_of(settings), unlabelled_views=False))
     batches = all_batches(data)
     assert len(batches) == 4 and all(b["views"] == [] for b in batches)
     assert all(len(b["supports"]) == 1 for b in batches)
@@ -377,7 +381,7 @@ def test_name_split_resolves_through_the_sidecar(jpeg_beton: Path, tmp_path: Pat
     chosen = [sidecar.files[i] for i in (0, 1, 9, 10, 17, 18, 30, 31)]
     bare = tmp_path / "bare.txt"  # official lists name bare files
     bare.write_text("".join(f"{name.split('/')[1]}\n" for name in reversed(chosen)))
-    data = make_data(settings_for(jpeg_beton, data__split=str(bare), support__images_per_class=2))
+    data = make_data(settings_for(jpeg_beton, data__split=str(bare), paws__images_per_class=2))
     assert data.labelled.tolist() == [0, 1, 9, 10, 17, 18, 30, 31]
     assert torch.equal(data.labelled_classes, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     missing = tmp_path / "missing.txt"
@@ -394,7 +398,7 @@ def test_name_split_resolves_through_the_sidecar(jpeg_beton: Path, tmp_path: Pat
 
 
 def test_missing_ffcv_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from paws_cli.data import ffcv_loader
+    from paws_cli.data.backends import ffcv_loader
 
     monkeypatch.setitem(sys.modules, "ffcv", None)  # `import ffcv` now raises ImportError
     with pytest.raises(ValueError, match="not installed") as info:
@@ -459,8 +463,8 @@ def test_pretrain_on_a_beton_resumes_to_the_same_weights(jpeg_beton: Path, tmp_p
         "augment.num_small=2",
         "augment.blur_p=0.5",
         "augment.grayscale_p=0.2",
-        "support.classes_per_batch=4",
-        "support.images_per_class=2",
+        "paws.classes_per_batch=4",
+        "paws.images_per_class=2",
         "optim.batch_size=8",
         "optim.epochs=2",
         "optim.warmup_epochs=0.5",

@@ -4,8 +4,11 @@ images (never the test set), exact resume, and the command line."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,19 +18,20 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from paws_cli.checkpoints import load_pretrained, resolve_settings
 from paws_cli.cli import app
 from paws_cli.config import load_settings
-from paws_cli.data.arrays import load_array_dataset, write_array_dataset
-from paws_cli.data.augment import ViewSpec, eval_transform
-from paws_cli.data.pipeline import as_nchw, labelled_indices
-from paws_cli.data.splits import write_split
+from paws_cli.data.augment.views import ViewSpec, eval_transform
+from paws_cli.data.backends.memory import as_nchw, labelled_indices
+from paws_cli.data.datasets.arrays import load_array_dataset, write_array_dataset
+from paws_cli.data.splits.files import write_split
 from paws_cli.finetune.data import EvalGeometry, FinetuneBatches, evaluate, make_finetune_splits
 from paws_cli.finetune.model import FinetuneModel, build_finetune_model
 from paws_cli.finetune.train import run_finetune
 from paws_cli.methods.paws import PAWSModel
 from paws_cli.models import PAWSEncoder, create_encoder
-from paws_cli.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from paws_cli.pretrained import load_pretrained, resolve_settings
+from paws_cli.train.checkpoint_io import CheckpointError, load_checkpoint, save_checkpoint
+from paws_cli.train.guards import TrainingInterruptedError
 from paws_cli.train.rundir import RunDirError
 
 pytestmark = pytest.mark.slow  # end-to-end fine-tuning runs (seconds each); make test runs them
@@ -67,10 +71,29 @@ def pretrained(tiny_overrides: list[str], tmp_path: Path) -> Path:
     return save_checkpoint(tmp_path / "runs" / "tiny" / "checkpoint.pt", payload)
 
 
-def _finetune(checkpoint: Path, overrides: list[str], **kwargs: object):
+def _finetune(checkpoint: Path, overrides: list[str], console: Console = QUIET, **kwargs: object):
     weights = load_pretrained(checkpoint)
     settings, _ = resolve_settings(weights, None, [*FT, *overrides], environ={}, new_run=True)
-    return run_finetune(settings, weights, console=QUIET, default_name="tiny_finetune", **kwargs), settings
+    return run_finetune(settings, weights, console=console, default_name="tiny_finetune", **kwargs), settings
+
+
+def _files(run_dir: str) -> dict[str, bytes]:
+    """Every file of a run directory and its bytes (the lock file names the process holding it)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(run_dir).iterdir()) if p.name != ".lock"}
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, at_step: int) -> None:
+    """Send this process SIGINT (Ctrl-C) while the batch of global step ``at_step`` is being made."""
+    batch = FinetuneBatches.batch
+
+    def interrupting(self: FinetuneBatches, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if step == at_step:
+            # Only with the loop's handler installed: the default one would interrupt the test session.
+            assert signal.getsignal(signal.SIGINT) not in (signal.SIG_DFL, signal.default_int_handler)
+            os.kill(os.getpid(), signal.SIGINT)
+        return batch(self, step)
+
+    monkeypatch.setattr(FinetuneBatches, "batch", interrupting)
 
 
 def test_model_keeps_backbone_and_first_projection_layer_with_zero_classifier() -> None:
@@ -219,6 +242,57 @@ def test_resume_is_exact(pretrained: Path) -> None:
         _finetune(pretrained, ["run.name=resumed", "finetune.lr=0.1"], resume=True)
     with pytest.raises(RunDirError, match="--resume"):
         _finetune(pretrained, ["run.name=resumed"])
+
+
+def test_resume_of_a_finished_run_changes_nothing(pretrained: Path) -> None:
+    done, _ = _finetune(pretrained, [])
+    before = _files(done.run_dir)
+    said = io.StringIO()
+    again, _ = _finetune(pretrained, [], console=Console(file=said, width=300), resume=True)
+    assert "already complete" in said.getvalue() and "nothing was changed" in said.getvalue()
+    assert _files(done.run_dir) == before  # not one byte: logs, resolved settings, checkpoints, results
+    assert again == done  # the stored results
+    # Stopped between its last checkpoint and its results: --resume scores the selected epoch and writes them.
+    (Path(done.run_dir) / "finetune.json").unlink()
+    again, _ = _finetune(pretrained, [], resume=True)
+    assert again.complete and again.test_top1 == done.test_top1 and again.history == done.history
+    assert _files(done.run_dir).keys() == before.keys()
+    assert {k: v for k, v in _files(done.run_dir).items() if k != "finetune.json"} == {
+        k: v for k, v in before.items() if k != "finetune.json"
+    }
+
+
+def test_interrupted_finetune_saves_and_resumes_exactly(
+    pretrained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    straight, _ = _finetune(pretrained, ["run.name=straight", "run.log_every=1"])
+    _interrupt_at(monkeypatch, 2)  # during the third step, inside epoch 2 (2 steps per epoch)
+    with pytest.raises(TrainingInterruptedError, match=r"SIGINT after step 3 .*--resume") as stopped:
+        _finetune(pretrained, ["run.name=resumed", "run.log_every=1"])
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    state = load_checkpoint(stopped.value.checkpoint)
+    assert state["step"] == 3 and not state["epoch_complete"] and state["sums"]["images"] == 4
+    assert not (Path(straight.run_dir).parent / "resumed" / "finetune.json").exists()
+    resumed, _ = _finetune(pretrained, ["run.name=resumed", "run.log_every=1"], resume=True)
+    for name in ("checkpoint.pt", "best.pt"):
+        a = load_checkpoint(Path(straight.run_dir) / name)
+        b = load_checkpoint(Path(resumed.run_dir) / name)
+        assert a["model"].keys() == b["model"].keys()
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), (name, key)
+    assert resumed.history == straight.history and resumed.selected_epoch == straight.selected_epoch
+    assert (resumed.test_top1, resumed.test_top5) == (straight.test_top1, straight.test_top5)
+    for log in ("metrics.jsonl", "epochs.jsonl"):
+        assert (Path(resumed.run_dir) / log).read_bytes() == (Path(straight.run_dir) / log).read_bytes()
+
+
+def test_cli_interrupted_finetune_exits_130(pretrained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _interrupt_at(monkeypatch, 0)
+    result = CliRunner().invoke(app, ["finetune", str(pretrained), *FT, "finetune.epochs=1"])
+    assert result.exit_code == 130, result.output
+    assert "--resume" in result.output
+    assert load_checkpoint(pretrained.parent.parent / "tiny_finetune" / "checkpoint.pt")["step"] == 1
 
 
 def test_batches_cover_the_epoch_and_are_step_functions() -> None:

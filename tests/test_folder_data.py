@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,10 @@ from typer.testing import CliRunner
 
 from paws_cli.cli import app
 from paws_cli.config.schema import Settings
-from paws_cli.data import folder as fd
-from paws_cli.data.eval_data import FolderEvalData, build_eval_data, folder_eval_transform
-from paws_cli.data.sampler import UnlabelledOrder
+from paws_cli.data.backends import folder as fd
+from paws_cli.data.backends.eval_data import FolderEvalData, build_eval_data, folder_eval_transform
+from paws_cli.data.needs import needs_of
+from paws_cli.data.sampling.samplers import UnlabelledOrder
 from paws_cli.data.sources import TrainDataLike, build_train_data
 from paws_cli.finetune.data import FinetuneData, FolderFinetuneBatches, make_finetune_splits
 
@@ -60,7 +62,7 @@ def settings_for(root: Path, **changes: object) -> Settings:
             "labels_per_class": 4,
         },
         "augment": {"large_size": 24, "small_size": 12, "num_small": 2, "support_views": 2},
-        "support": {"classes_per_batch": 4, "images_per_class": 2},
+        "paws": {"classes_per_batch": 4, "images_per_class": 2},
         "optim": {"batch_size": 8},
     }
     for key, value in changes.items():
@@ -198,7 +200,7 @@ def test_mid_epoch_state_round_trip_gives_the_same_batches(dataset_root: Path) -
 def test_ranks_cover_the_epoch_disjointly(dataset_root: Path) -> None:
     world = 2
     settings = settings_for(
-        dataset_root, optim__batch_size=4, support__classes_per_batch=2, support__images_per_class=2
+        dataset_root, optim__batch_size=4, paws__classes_per_batch=2, paws__images_per_class=2
     )
     unlabelled: dict[int, list[int]] = {}
     support_classes: dict[int, list[set[int]]] = {}
@@ -221,7 +223,8 @@ def test_ranks_cover_the_epoch_disjointly(dataset_root: Path) -> None:
 
 
 def test_supervised_method_gets_supports_only(dataset_root: Path) -> None:
-    data = build_train_data(settings_for(dataset_root), device=CPU, need_unlabelled=False)
+    settings = settings_for(dataset_root)
+    data = build_train_data(settings, replace(needs_of(settings), unlabelled_views=False), device=CPU)
     batch = next(iter(data.epoch(0, 0)))
     assert batch.views == [] and len(batch.supports) == 2
 
@@ -358,7 +361,7 @@ def test_bad_images_skip_counts_and_replaces(damaged_root: tuple[Path, list[str]
     resumed.load_state_dict(state)
     assert resumed.skipped_images == 2
     # only rank 0 saves checkpoints: another rank does not take over rank 0's count
-    two = settings_for(root, data__split=str(split), support__classes_per_batch=2)
+    two = settings_for(root, data__split=str(split), paws__classes_per_batch=2)
     other = build_train_data(two, device=CPU, world_size=2, rank=1)
     other.load_state_dict(
         build_train_data(two, device=CPU, world_size=2, rank=0).state_dict() | {"skipped_images": 5}
@@ -489,8 +492,8 @@ def test_pretrain_resume_knn_eval_and_finetune_on_a_folder(dataset_root: Path, t
         "augment.large_size=24",
         "augment.small_size=12",
         "augment.num_small=2",
-        "support.classes_per_batch=4",
-        "support.images_per_class=2",
+        "paws.classes_per_batch=4",
+        "paws.images_per_class=2",
         "optim.batch_size=8",
         "optim.epochs=2",
         "optim.warmup_epochs=0.5",

@@ -1,4 +1,4 @@
-"""One view of the folder back end (paws_cli/data/folder.py): PIL crops, flips, grayscale and blur doing what
+"""One view of the folder back end (paws_cli/data/backends/folder.py): PIL crops, flips, grayscale and blur doing what
 they say, the blur's seeded sigma, rendering that leaves the caller's RNG alone, and distinct view seeds.
 tests/test_folder_data.py tests the batches, splits, evaluation and end-to-end use of the folder back end.
 """
@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from paws_cli.data import folder as fd
-from paws_cli.data.augment import ViewSpec
+from paws_cli.data.augment.views import ViewSpec
+from paws_cli.data.backends import folder as fd
 
 
 def _square_image(side: int = 40) -> Image.Image:

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F2
 
-from paws_cli.data import color_ops
-from paws_cli.data.augment import ViewSpec, apply_colour_params, sample_colour_params
-from paws_cli.data.ffcv_loader import DeviceColour
-from paws_cli.data.folder import IMAGENET_MEAN, IMAGENET_STD
+from paws_cli.data.augment import color_ops
+from paws_cli.data.augment.views import ViewSpec, apply_colour_params, sample_colour_params
+from paws_cli.data.backends.ffcv_loader import DeviceColour
+from paws_cli.data.backends.folder import IMAGENET_MEAN, IMAGENET_STD
 
 stats = pytest.importorskip("scipy.stats")
 

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from data_tools.make_splits import make_splits, open_dataset
 from paws_cli.cli import app
-from paws_cli.data.sidecar import write_sidecar
-from paws_cli.data.splits import official_split, read_split, resolve_names, split_entry_class
-from paws_cli.splits import official_list
+from paws_cli.data.backends.sidecar import write_sidecar
+from paws_cli.data.splits.files import official_split, read_split, resolve_names, split_entry_class
+from paws_cli.data.splits.official import official_list
 
 ONE = official_split("1%").ids
 VAL = official_split("val").ids

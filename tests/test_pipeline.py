@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from paws_cli.config import load_settings
-from paws_cli.data.arrays import load_array_dataset, write_array_dataset
-from paws_cli.data.pipeline import TrainData, labelled_indices
+from paws_cli.data.backends.memory import TrainData, labelled_indices
+from paws_cli.data.datasets.arrays import load_array_dataset, write_array_dataset
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def _data(path: Path, *extra: str) -> TrainData:
             "augment.num_small=3",
             "augment.jitter_p=0",
             "augment.support_views=2",
-            "support.classes_per_batch=5",
-            "support.images_per_class=3",
+            "paws.classes_per_batch=5",
+            "paws.images_per_class=3",
             "optim.batch_size=8",
             *extra,
         ],
@@ -74,13 +74,13 @@ def test_batch_layout_and_labels_follow_images(constant_dataset: Path) -> None:
 
 def test_views_are_a_function_of_seed_and_step(constant_dataset: Path, tiny_dataset: Path) -> None:
     a = next(
-        _data(tiny_dataset, "data.labels_per_class=4", "support.classes_per_batch=4").epoch(0, first_step=3)
+        _data(tiny_dataset, "data.labels_per_class=4", "paws.classes_per_batch=4").epoch(0, first_step=3)
     )
     b = next(
-        _data(tiny_dataset, "data.labels_per_class=4", "support.classes_per_batch=4").epoch(0, first_step=3)
+        _data(tiny_dataset, "data.labels_per_class=4", "paws.classes_per_batch=4").epoch(0, first_step=3)
     )
     c = next(
-        _data(tiny_dataset, "data.labels_per_class=4", "support.classes_per_batch=4").epoch(0, first_step=4)
+        _data(tiny_dataset, "data.labels_per_class=4", "paws.classes_per_batch=4").epoch(0, first_step=4)
     )
     for x, y, z in zip(a.views + a.supports, b.views + b.supports, c.views + c.supports, strict=True):
         assert torch.equal(x, y)

@@ -26,8 +26,8 @@ from imagefolder_fixture import make_imagefolder
 from typer.testing import CliRunner
 
 from paws_cli.cli import app
-from paws_cli.data.fmnist import find_fashion_mnist
-from paws_cli.data.splits import official_split, split_entry_class
+from paws_cli.data.datasets.fmnist import find_fashion_mnist
+from paws_cli.data.splits.files import official_split, split_entry_class
 
 pytestmark = pytest.mark.slow  # tiny trainings, a conversion and a few subprocesses: about a minute
 
@@ -87,8 +87,10 @@ def _tiny(ws: Workspace) -> list[str]:
         "augment.large_size=16",
         "augment.small_size=8",
         "augment.num_small=2",
-        "support.classes_per_batch=4",
-        "support.images_per_class=2",
+        "paws.classes_per_batch=4",
+        "paws.images_per_class=2",
+        "supervised.classes_per_batch=4",
+        "supervised.images_per_class=2",
         "optim.batch_size=16",
         "optim.epochs=1",
         "optim.warmup_epochs=0.25",
@@ -110,8 +112,8 @@ def _tiny_imagenet() -> list[str]:
         "augment.large_size=32",
         "augment.small_size=16",
         "augment.num_small=2",
-        "support.classes_per_batch=3",
-        "support.images_per_class=2",
+        "paws.classes_per_batch=3",
+        "paws.images_per_class=2",
         "optim.batch_size=8",
         "optim.epochs=1",
         "optim.warmup_epochs=0",

@@ -17,7 +17,7 @@ from paws_cli.cli import app
 from paws_cli.config import ConfigError, load_settings, recipe_names
 from paws_cli.config.loader import RECIPES_DIR
 from paws_cli.reproduce.recipe_table import global_support, listed_recipes, load_for_listing, recipe_row
-from paws_cli.train.loop import world_size_warning
+from paws_cli.train.banner import world_size_warning
 
 # name: (world size, global batch, global support (classes, images, views), (start lr, lr, final lr), epochs,
 #        warm-up epochs, me-max, backbone, labelled split)
@@ -64,10 +64,10 @@ def test_recipe_numbers_are_the_spec_s(name: str) -> None:
     assert (s.optim.epochs, s.optim.warmup_epochs) == (epochs, warmup)
     assert s.optim.optimizer == "lars" and s.optim.weight_decay == pytest.approx(1e-6)
     assert s.optim.momentum == pytest.approx(0.9) and s.optim.trust_coefficient == pytest.approx(0.001)
-    assert (s.loss.tau, s.loss.sharpen_T, s.loss.label_smoothing) == pytest.approx(
+    assert (s.paws.tau, s.paws.sharpen_T, s.paws.label_smoothing) == pytest.approx(
         (IMAGENET["tau"], IMAGENET["T"], IMAGENET["smoothing"])
     )
-    assert s.loss.me_max is me_max
+    assert s.paws.me_max is me_max
     assert s.model.backbone == backbone
     assert s.data.split == split
     assert s.run.precision == "fp16"  # spec 6: mixed precision, the loss in fp32
@@ -198,12 +198,12 @@ def test_world_size_warning_numbers() -> None:
     assert "global unlabelled batch is 512 (recipe: 4096)" in text
     assert "120 classes x 7 images (recipe: 960 x 7)" in text
     assert "0.3 -> 6.4 -> 0.064" in text
-    assert "optim.batch_size=512 support.classes_per_batch=120 world_size=8" in text
+    assert "optim.batch_size=512 paws.classes_per_batch=120 world_size=8" in text
     assert "cannot be kept exactly" in world_size_warning(s, 7)  # 4096 / 7 is not an integer
     # shared classes (CIFAR): the processes split each class's images, so images per class scale instead
     cifar = world_size_warning(_load("wrn28x2_cifar10_4000"), 2)
     assert "10 classes x 128 images (recipe: 10 x 64)" in cifar
-    assert "optim.batch_size=128 support.images_per_class=32 world_size=2" in cifar
+    assert "optim.batch_size=128 paws.images_per_class=32 world_size=2" in cifar
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from paws_cli.config import load_settings
 from paws_cli.methods.paws import PAWSMethod
 from paws_cli.optim import StepSchedule, create_optimizer
 from paws_cli.train import loop
-from paws_cli.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from paws_cli.train.checkpoint_io import CheckpointError, load_checkpoint, save_checkpoint
 from paws_cli.train.loop import NonFiniteLossError, TrainResult, train
 from paws_cli.train.rundir import RunDirError
 
@@ -217,8 +217,8 @@ def test_folder_data_mid_epoch_checkpoint_resumes_exactly_despite_prefetch(
         "augment.large_size=24",
         "augment.small_size=12",
         "augment.num_small=2",
-        "support.classes_per_batch=4",
-        "support.images_per_class=2",
+        "paws.classes_per_batch=4",
+        "paws.images_per_class=2",
         "optim.batch_size=4",
         "optim.epochs=2",
         "optim.warmup_epochs=0.5",
@@ -323,7 +323,7 @@ def test_real_write_limit_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import resource, signal, sys, torch
-        from paws_cli.train.checkpoint import CheckpointError, save_checkpoint
+        from paws_cli.train.checkpoint_io import CheckpointError, save_checkpoint
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
         try:
@@ -547,4 +547,4 @@ def test_a_live_run_locks_its_directory_even_against_resume_and_overwrite(
         holder.send_signal(signal.SIGKILL)
         holder.wait()
         holder.stdout.close()
-    assert _train([*tiny_overrides, "run.max_steps=3"], resume=True).steps == 2 + 3  # max_steps counts on
+    assert _train([*tiny_overrides, "run.max_steps=5"], resume=True).steps == 5  # max_steps: the run's total

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from paws_cli.data.sampler import SupportSampler, UnlabelledOrder, _ClassQueue, _generator
+from paws_cli.data.sampling.samplers import SupportSampler, UnlabelledOrder, _ClassQueue, _generator
 
 
 def make_labels(counts: list[int], seed: int = 0, offset: int = 0) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from paws_cli.config import Settings, load_settings
-from paws_cli.train.checkpoint import load_checkpoint
+from paws_cli.train.checkpoint_io import load_checkpoint
 from paws_cli.train.loop import train
 from paws_cli.train.rundir import RunDirError
 
@@ -114,7 +114,7 @@ def test_global_numbers() -> None:
     assert "processes: 64 = 8 node(s) x 8 GPU(s)" in text
     assert "global unlabelled batch: 4096 (64 per process)" in text
     assert "warning" not in text
-    s, views = _settings([]).support, _settings([]).augment.support_views  # the recipe's K, P and V
+    s, views = _settings([]).paws, _settings([]).augment.support_views  # the recipe's K, P and V
     assert f"global support: {s.classes_per_batch * 64} classes" in text
     assert f"= {s.classes_per_batch * s.images_per_class * views * 64} per step" in text
     cpu = "\n".join(slurm.describe_submission(_settings(["slurm.nodes=2", "slurm.gpus_per_node=0"])))
@@ -308,7 +308,7 @@ def test_two_task_job_forms_a_process_group(tiny_overrides: list[str]) -> None:
     # Two CPU tasks the way SLURM would start two GPU tasks on a node: each maps its task variables to
     # torchrun's, and the training loop joins them into one gloo group of 2 (8 steps per epoch, not 16).
     two = [*LOCAL, "slurm.gpus_per_node=2", "run.device=cpu", "run.dist_backend=gloo", "optim.epochs=1"]
-    two.append("support.classes_per_batch=2")  # K x W = 4 distinct classes, all the tiny set has
+    two.append("paws.classes_per_batch=2")  # K x W = 4 distinct classes, all the tiny set has
     job = _submit([*tiny_overrides, *two])
     results = job.results()
     assert [r.steps for r in results] == [8, 8]

@@ -15,11 +15,12 @@ from timm.optim import Lars
 from torch import nn
 
 from paws_cli.config import load_settings
-from paws_cli.data.pipeline import Batch
+from paws_cli.data.sampling.batch import Batch
 from paws_cli.losses import paws_loss, support_label_matrix
 from paws_cli.methods import create_method
-from paws_cli.train.distributed_setup import DistContext, compile_backbone, wrap_model
-from paws_cli.train.loop import autocast_for, backward_and_step, make_grad_scaler, train
+from paws_cli.train.loop import train
+from paws_cli.train.process_group import DistContext, compile_backbone, wrap_model
+from paws_cli.train.step import autocast_for, backward_and_step, make_grad_scaler
 
 CPU = torch.device("cpu")
 B, M, K, P = 4, 2, 4, 2  # unlabelled images, small views, support classes x images

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from data_tools.make_splits import make_splits
-from paws_cli.data.arrays import write_array_dataset
-from paws_cli.data.splits import (
+from paws_cli.data.datasets.arrays import write_array_dataset
+from paws_cli.data.splits.files import (
     SplitFile,
     check_support_feasible,
     imagenet_class_of,
@@ -30,7 +30,7 @@ from paws_cli.data.splits import (
     split_entry_class,
     write_split,
 )
-from paws_cli.splits import OFFICIAL_LISTS, SPLITS_DIR, official_list
+from paws_cli.data.splits.official import OFFICIAL_LISTS, SPLITS_DIR, official_list
 
 SHARED_SPLITS = Path("/work/shared/splits")
 

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from paws_cli.config import load_settings
 from paws_cli.eval.knn_eval import evaluate_checkpoint
-from paws_cli.train.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from paws_cli.train.checkpoint_io import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
 from paws_cli.train.loop import train
 from paws_cli.train.rundir import RunDirError
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from paws_cli.config.schema import Settings
+from paws_cli.config.trees import flatten_keys, merge_trees
+from paws_cli.method_registry import method_sections
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+#: The named recipes: YAML files shipped as package data in paws_cli/recipes/ (a folder on disk for any install
+#: from a wheel or a checkout, so it is handled as a Path).
+RECIPES_DIR = Path(str(resources.files("paws_cli").joinpath("recipes")))
 ENV_PREFIX = "PAWS_"
 #: Top-level keys a recipe may hold besides settings: `base` (inherit another recipe), `provenance` (written into
 #: resolved_config.yaml: versions and git commit; ignored when re-run) and `description` (shown by `recipes ls`).
@@ -28,8 +33,21 @@ class ConfigError(ValueError):
     """A settings problem the user must fix; the message says which key, value and source."""
 
 
+#: Keys of earlier versions that moved into a method's own section: an error names the new key.
+MOVED_KEYS = {
+    "loss.tau": "paws.tau",
+    "loss.sharpen_T": "paws.sharpen_T",
+    "loss.me_max": "paws.me_max",
+    "loss.label_smoothing": "paws.label_smoothing",
+    "support.classes_per_batch": "paws.classes_per_batch",
+    "support.images_per_class": "paws.images_per_class",
+    "support.unique_classes_per_rank": "paws.unique_classes_per_rank",
+}
+
+
 def setting_paths(model: type[BaseModel] = Settings, prefix: str = "") -> dict[str, Any]:
-    """Every dotted settings key mapped to its pydantic FieldInfo (leaves only)."""
+    """Every dotted settings key mapped to its pydantic FieldInfo (leaves only); for ``Settings`` this includes
+    the section of every registered method."""
     paths: dict[str, Any] = {}
     for name, field in model.model_fields.items():
         annotation = field.annotation
@@ -37,7 +55,31 @@ def setting_paths(model: type[BaseModel] = Settings, prefix: str = "") -> dict[s
             paths.update(setting_paths(annotation, f"{prefix}{name}."))
         else:
             paths[f"{prefix}{name}"] = field
+    if model is Settings:
+        for name, section in method_sections().items():
+            paths.update(setting_paths(section, f"{prefix}{name}."))
     return paths
+
+
+def _moved(key: str, source: str) -> ConfigError | None:
+    """The error for a key of an earlier version, naming its new place; None for other keys."""
+    section = key.split(".", 1)[0]
+    new = MOVED_KEYS.get(key)
+    if new is None and section not in ("loss", "support"):
+        return None
+    if new is None:
+        leaf = key.split(".", 1)[1] if "." in key else ""
+        close = difflib.get_close_matches(f"paws.{leaf}", list(setting_paths()), n=2, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return ConfigError(
+            f"'{key}' in {source}: the '{section}:' section is gone; method settings now live in the method's "
+            f"own section (paws.tau, paws.classes_per_batch, supervised.classes_per_batch, ...).{hint}"
+        )
+    also = f" (for method=supervised: 'supervised.{new.split('.', 1)[1]}')" if section == "support" else ""
+    return ConfigError(
+        f"'{key}' in {source} is now '{new}'{also}: method settings live in the method's own section. "
+        "Rename the key."
+    )
 
 
 def _did_you_mean(key: str) -> str:
@@ -60,6 +102,11 @@ def _check_known(tree: Mapping[str, Any], source: str, prefix: str = "") -> None
         dotted = f"{prefix}{key}"
         if not prefix and key in RESERVED_KEYS:
             continue
+        if not prefix and key in ("loss", "support") and isinstance(value, Mapping):
+            for leaf in value:
+                raise _moved(f"{key}.{leaf}", source) or ConfigError(
+                    f"unknown setting '{key}.{leaf}' in {source}"
+                )
         if isinstance(value, Mapping) and dotted in sections:
             _check_known(value, source, f"{dotted}.")
         elif isinstance(value, Mapping) and not prefix:  # a whole section under a mistyped name
@@ -82,16 +129,6 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _parse_value(text: str) -> Any:
     """'0.3' -> 0.3, 'true' -> True, 'null' -> None, '[0.1, 1]' -> list; anything else stays a string."""
     try:
@@ -101,7 +138,7 @@ def _parse_value(text: str) -> Any:
 
 
 def find_recipe(name_or_path: str) -> Path:
-    """A recipe file path from a name in recipes/ or a path; an error lists the known names."""
+    """A recipe file path from a name in paws_cli/recipes/ or a path; an error lists the known names."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -136,7 +173,7 @@ def load_recipe_tree(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str
     tree.pop("provenance", None)
     tree.pop("description", None)
     if base is not None:
-        tree = _merge(load_recipe_tree(str(base), (*_seen, str(path))), tree)
+        tree = merge_trees(load_recipe_tree(str(base), (*_seen, str(path))), tree)
     return tree
 
 
@@ -154,7 +191,12 @@ def env_tree(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]
         if not name.startswith(ENV_PREFIX):
             continue
         dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        # Variable names are upper case: match keys case-insensitively (paws.sharpen_T from PAWS_PAWS__SHARPEN_T).
+        dotted = {k.lower(): k for k in [*known, *MOVED_KEYS]}.get(dotted, dotted)
         if dotted not in known:
+            moved = _moved(dotted, f"environment variable {name}")
+            if moved:
+                raise moved
             raise ConfigError(
                 f"environment variable {name} is not a setting ('{dotted}').{_did_you_mean(dotted)} "
                 f"Settings are PAWS_SECTION__KEY, e.g. PAWS_OPTIM__LR=0.3; unset {name} otherwise."
@@ -174,6 +216,9 @@ def overrides_tree(overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, 
         key, text = item.split("=", 1)
         key = key.strip()
         if key not in known:
+            moved = _moved(key, f"override '{item}'")
+            if moved:
+                raise moved
             raise ConfigError(f"unknown setting '{key}' in override '{item}'.{_did_you_mean(key)}")
         _set_dotted(tree, key, _parse_value(text))
         sources[key] = f"override '{item}'"
@@ -185,12 +230,15 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
         # model-level validators report the section only; their message names the keys.
+        message = err["msg"].removeprefix("Value error, ")
         source = sources.get(loc)
         if source is None:
             matches = [s for k, s in sources.items() if k.startswith(f"{loc}.")] if loc else []
+            # model-level validators (method sections, the method name) name the key in their message
+            matches += [s for k, s in sources.items() if not loc and k in message]
             source = matches[0] if matches else "recipe or defaults"
         value = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-        lines.append(f"  {loc or 'settings'}: {err['msg']}{value} [from {source}]")
+        lines.append(f"  {loc or 'settings'}: {message}{value} [from {source}]")
     return "invalid settings:\n" + "\n".join(lines)
 
 
@@ -205,29 +253,19 @@ def load_settings(
     sources: dict[str, str] = {}
     tree: dict[str, Any] = dict(base or {})
     if base is not None:
-        sources.update({k: "the checkpoint's settings" for k in _flatten(tree)})
+        sources.update({k: "the checkpoint's settings" for k in flatten_keys(tree)})
     if recipe is not None:
         tree = load_recipe_tree(recipe)
-        sources.update({k: f"recipe '{recipe}'" for k in _flatten(tree)})
+        sources.update({k: f"recipe '{recipe}'" for k in flatten_keys(tree)})
     env, env_sources = env_tree(environ)
     cli, cli_sources = overrides_tree(overrides)
     sources.update(env_sources)
     sources.update(cli_sources)
-    tree = _merge(_merge(tree, env), cli)
+    tree = merge_trees(merge_trees(tree, env), cli)
     try:
         return Settings.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, sources)) from None
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.extend(_flatten(value, f"{prefix}{key}."))
-        else:
-            out.append(f"{prefix}{key}")
-    return out
 
 
 def settings_to_yaml(settings: Settings, provenance: Mapping[str, Any] | None = None) -> str:

@@ -5,9 +5,11 @@ Batch and support sizes are *per process*; the run prints the resolved global va
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from paws_cli.method_registry import method_class, method_sections
 
 
 class Section(BaseModel):
@@ -20,7 +22,7 @@ class DataSettings(Section):
     dataset: Literal["fashion_mnist", "array", "cifar10", "imagefolder"] = Field(
         "fashion_mnist",
         description="What the data is: 'fashion_mnist' (embedded; converted on first use), 'array' (a directory "
-        "written by `paws convert-dataset fashion-mnist`, or `paws_cli.data.arrays.write_array_dataset` for your own arrays), 'cifar10' (the python-pickle folder cifar-10-batches-py) or "
+        "written by `paws convert-dataset fashion-mnist`, or `paws_cli.data.datasets.arrays.write_array_dataset` for your own arrays), 'cifar10' (the python-pickle folder cifar-10-batches-py) or "
         "'imagefolder' (ImageNet layout: one folder per class; or its FFCV conversion with data.format=ffcv).",
     )
     format: Literal["memory", "folder", "ffcv"] = Field(
@@ -168,16 +170,11 @@ class ModelSettings(Section):
     )
 
 
-class LossSettings(Section):
-    tau: float = Field(0.1, gt=0, description="Soft nearest-neighbour temperature.")
-    sharpen_T: float = Field(  # noqa: N815  (the paper calls it T; the loss argument is sharpen_T)
-        0.25, gt=0, description="Target sharpening temperature T (0 < T; T < 1 sharpens)."
-    )
-    me_max: bool = Field(True, description="Add the mean-entropy maximisation regulariser.")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Support label smoothing.")
+class SupportBatchShape(Section):
+    """The class-stratified labelled batch (PAWS's support batch; the supervised baseline's training batch).
 
+    Methods that draw one hold these fields in their own section (``paws.classes_per_batch`` ...)."""
 
-class SupportSettings(Section):
     classes_per_batch: int = Field(15, ge=1, description="K, classes per support batch, per process.")
     images_per_class: int = Field(7, ge=1, description="P, labelled images per class in a support batch.")
     unique_classes_per_rank: bool = Field(
@@ -319,21 +316,77 @@ class EvalSettings(Section):
 
 
 class Settings(Section):
-    """Everything a run needs. Sections: data, augment, model, loss, support, optim, run, eval."""
+    """Everything a run needs: the shared sections below, plus one section per method under the method's name
+    (``paws:``, ``supervised:``, ...; see ``paws_cli.methods``). The selected method's section is always present
+    (defaults when the recipe has none); sections of other registered methods may be present and are validated.
+    """
 
-    method: Literal["paws", "supervised"] = Field(
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    method: str = Field(
         "paws",
-        description="'paws', or 'supervised': the labelled-only baseline (same backbone and augmentations, "
-        "cross-entropy on the labelled images).",
+        description="The method to train, by registered name: 'paws'; 'supervised' (the labelled-only baseline: "
+        "same backbone and augmentations, cross-entropy on the labelled images); or a plug-in's. Its settings "
+        "are the section of the same name.",
     )
     world_size: int = Field(1, ge=1, description="Number of processes the recipe was written for.")
     data: DataSettings = DataSettings()
     augment: AugmentSettings = AugmentSettings()
     model: ModelSettings = ModelSettings()
-    loss: LossSettings = LossSettings()
-    support: SupportSettings = SupportSettings()
     optim: OptimSettings = OptimSettings()
     run: RunSettings = RunSettings()
     eval: EvalSettings = EvalSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     slurm: SlurmSettings = SlurmSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_sections(cls, data: Any) -> Any:
+        """Validate every method section present and add the selected method's when absent."""
+        if not isinstance(data, dict):
+            return data
+        sections = method_sections()
+        name = data.get("method", cls.model_fields["method"].default)
+        if not isinstance(name, str):
+            raise ValueError(f"method must be a method name, got {name!r}")
+        method_class(name)  # unknown names: an error with the registered names and a did-you-mean
+        out = dict(data)
+        for key, value in data.items():
+            if key in cls.model_fields:
+                continue
+            if key not in sections:
+                known = sorted({*cls.model_fields, *sections} - {"method", "world_size"})
+                raise ValueError(f"unknown settings section {key!r}; sections: {', '.join(known)}")
+            out[key] = _validate_section(key, sections[key], value)
+        if name not in out:
+            out[name] = sections[name]()
+        return out
+
+    def section(self, name: str) -> Section:
+        """The settings section of method ``name`` (present for the selected method)."""
+        extra = self.__pydantic_extra__ or {}
+        if name not in extra:
+            raise KeyError(f"these settings hold no '{name}:' section (method={self.method})")
+        return extra[name]
+
+    @property
+    def method_settings(self) -> Section:
+        """The selected method's own section."""
+        return self.section(self.method)
+
+
+def _validate_section(name: str, section: type[Section], value: Any) -> Section:
+    if isinstance(value, section):
+        return value
+    if value is None:
+        return section()
+    try:
+        return section.model_validate(value)
+    except ValidationError as exc:
+        # pydantic would fold a nested error into one 'Value error' line: name each key and value instead.
+        problems = "; ".join(
+            f"{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
+            for err in exc.errors()
+        )
+        raise ValueError(problems) from None

@@ -1,15 +1,15 @@
 """One interface to the training data, whatever its back end; `build_train_data` picks it by data.format.
 
-- ``memory``: :class:`paws_cli.data.pipeline.TrainData` (Fashion-MNIST, array datasets, CIFAR-10: uint8 arrays
+- ``memory``: :class:`paws_cli.data.backends.memory.TrainData` (Fashion-MNIST, array datasets, CIFAR-10: uint8 arrays
   in RAM, augmented in batches on the training device);
-- ``folder``: :class:`paws_cli.data.folder.FolderTrainData` (an ImageFolder of JPEGs decoded by PIL in DataLoader
+- ``folder``: :class:`paws_cli.data.backends.folder.FolderTrainData` (an ImageFolder of JPEGs decoded by PIL in DataLoader
   workers, the reference's per-image torchvision pipeline);
-- ``ffcv``: ``paws_cli.data.ffcv_loader.FFCVTrainData`` (a .beton decoded by FFCV; optional extra, imported only
+- ``ffcv``: ``paws_cli.data.backends.ffcv_loader.FFCVTrainData`` (a .beton decoded by FFCV; optional extra, imported only
   when asked for).
 
 Every back end satisfies :class:`TrainDataLike`, which is all the training loop uses. Evaluation data (the
 labelled bank and the test/val queries with the eval transform) comes from `build_eval_data`
-(:mod:`paws_cli.data.eval_data`).
+(:mod:`paws_cli.data.backends.eval_data`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import torch
 from torch import Tensor
 
 from paws_cli.config.schema import Settings
-from paws_cli.data.eval_data import EvalData, build_eval_data
-from paws_cli.data.pipeline import Batch, TrainData, labelled_indices, load_dataset
-from paws_cli.data.sampler import SupportSampler, UnlabelledOrder
+from paws_cli.data.backends.eval_data import EvalData, build_eval_data
+from paws_cli.data.backends.memory import TrainData, labelled_indices, load_dataset
+from paws_cli.data.needs import DataNeeds, needs_of
+from paws_cli.data.sampling.batch import Batch
+from paws_cli.data.sampling.samplers import SupportSampler, UnlabelledOrder
 
 __all__ = ["EvalData", "TrainDataLike", "build_eval_data", "build_train_data"]
 
@@ -34,7 +36,7 @@ class TrainDataLike(Protocol):
 
     Attributes:
         order: the unlabelled batch order (its ``world_size`` is the run's).
-        supports: the support sampler (``describe()`` is printed at start).
+        supports: the support sampler (``describe()`` is printed at start), or None when the method draws none.
         labelled: indices of the labelled subset in the train images (int64), stored in checkpoints.
         labelled_description: where the labelled subset came from, one line.
         name, num_classes, in_chans: the dataset's name, class count and image channels (for the model).
@@ -45,7 +47,7 @@ class TrainDataLike(Protocol):
 
     device: torch.device
     order: UnlabelledOrder
-    supports: SupportSampler
+    supports: SupportSampler | None
     labelled: Tensor
     labelled_description: str
     name: str
@@ -79,13 +81,15 @@ class TrainDataLike(Protocol):
 
 def build_train_data(
     settings: Settings,
+    needs: DataNeeds | None = None,
     *,
     device: torch.device,
     world_size: int = 1,
     rank: int = 0,
-    need_unlabelled: bool = True,
 ) -> TrainDataLike:
-    """This process's training data for ``settings`` (data.format chooses the back end, see the module doc)."""
+    """This process's training data for ``settings``, serving what the method ``needs`` (data.format chooses
+    the back end, see the module doc)."""
+    needs = needs_of(settings) if needs is None else needs
     fmt = settings.data.format
     if fmt == "memory":
         dataset = load_dataset(settings.data)
@@ -97,20 +101,16 @@ def build_train_data(
             device=device,
             world_size=world_size,
             rank=rank,
-            need_unlabelled=need_unlabelled,
+            needs=needs,
             labelled_description=description,
         )
     if fmt == "folder":
-        from paws_cli.data.folder import FolderTrainData
+        from paws_cli.data.backends.folder import FolderTrainData
 
-        return FolderTrainData(
-            settings, device=device, world_size=world_size, rank=rank, need_unlabelled=need_unlabelled
-        )
+        return FolderTrainData(settings, device=device, world_size=world_size, rank=rank, needs=needs)
     if fmt == "ffcv":
         # FFCV is an optional extra (compiled dependencies); only runs that ask for it import it.
-        from paws_cli.data.ffcv_loader import FFCVTrainData
+        from paws_cli.data.backends.ffcv_loader import FFCVTrainData
 
-        return FFCVTrainData(
-            settings, device=device, world_size=world_size, rank=rank, need_unlabelled=need_unlabelled
-        )
+        return FFCVTrainData(settings, device=device, world_size=world_size, rank=rank, needs=needs)
     raise ValueError(f"data.format={fmt!r} is not one of memory, folder, ffcv")

@@ -2,7 +2,7 @@
 
 The bank is the labelled subset the run trained with (stored in the checkpoint; for a released suncet checkpoint,
 the subset the given data settings describe), embedded with the evaluation transform, one view, eval mode;
-queries are the dataset's test split. Checkpoints are read by `paws_cli.checkpoints.load_pretrained`.
+queries are the dataset's test split. Checkpoints are read by `paws_cli.pretrained.load_pretrained`.
 """
 
 from __future__ import annotations
@@ -19,18 +19,17 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from paws_cli.checkpoints import PretrainedWeights, load_pretrained, resolve_settings
 from paws_cli.config import Settings
-from paws_cli.data.arrays import ArrayDataset
-from paws_cli.data.augment import eval_transform
-from paws_cli.data.eval_data import EvalData, build_eval_data
-from paws_cli.data.pipeline import as_nchw
+from paws_cli.data.augment.views import eval_transform
+from paws_cli.data.backends.eval_data import EvalData, build_eval_data
+from paws_cli.data.backends.memory import as_nchw
+from paws_cli.data.datasets.arrays import ArrayDataset
 from paws_cli.eval.neighbours import embed_batches, knn_predict, soft_nn_predict, topk_accuracy
 from paws_cli.io_utils import atomic_write_text
-from paws_cli.methods import create_method
-from paws_cli.methods.base import encoder_of
-from paws_cli.methods.paws import PAWSModel
-from paws_cli.train.checkpoint import load_state_strict
+from paws_cli.methods import Method, create_method
+from paws_cli.models import PAWSEncoder
+from paws_cli.pretrained import PretrainedWeights, load_pretrained, resolve_settings
+from paws_cli.train.checkpoint_io import load_state_strict
 
 
 @dataclass
@@ -61,12 +60,12 @@ class KnnResult:
 
 def rebuild_model(
     state: dict[str, Any], settings: Settings, dataset: EvalData, source: str
-) -> torch.nn.Module:
-    """The trained model of a checkpoint, weights loaded strictly."""
+) -> tuple[torch.nn.Module, Method]:
+    """The trained model of a checkpoint (weights loaded strictly) and the method that trained it."""
     method = create_method(settings, in_chans=dataset.in_chans, num_classes=dataset.num_classes)
     model = method.build_model()
     load_state_strict(model, state["model"], source)
-    return model.eval()
+    return model.eval(), method
 
 
 def _normalised(images: np.ndarray, dataset: ArrayDataset) -> Tensor:
@@ -82,9 +81,10 @@ def evaluate_checkpoint(state: dict[str, Any], settings: Settings, source: str) 
             f"checkpoint {source} labels indices up to {labelled.max()} but {dataset.name} has "
             f"{len(dataset.train_labels)} train images: it was trained on another dataset (check data.*)"
         )
-    model = rebuild_model(state, settings, dataset, source)
+    model, method = rebuild_model(state, settings, dataset, source)
     bank = f"the run's labelled subset: {state.get('labelled_source', f'{len(labelled)} train images')}"
-    return _evaluate(model, settings, dataset, labelled, bank, source)
+    embedder = (method.embedding_encoder(model), method.default_embedding)
+    return _evaluate(model, embedder, settings, dataset, labelled, bank, source)
 
 
 def evaluate_pretrained(weights: PretrainedWeights, settings: Settings) -> KnnResult:
@@ -108,9 +108,15 @@ def evaluate_pretrained(weights: PretrainedWeights, settings: Settings) -> KnnRe
             f"{dataset.in_chans}; evaluate it on the data it was trained for (check data.*)"
         )
     labelled, description = dataset.labelled(settings.data)
-    model = PAWSModel(weights.build_encoder()).eval()
+    encoder = weights.build_encoder().eval()  # a released PAWS encoder: evaluated as PAWS evaluates
     return _evaluate(
-        model, settings, dataset, labelled, f"labelled subset from the settings: {description}", source
+        encoder,
+        (encoder, "auto"),
+        settings,
+        dataset,
+        labelled,
+        f"labelled subset from the settings: {description}",
+        source,
     )
 
 
@@ -131,14 +137,16 @@ def embed_all(
 
 def _evaluate(
     model: torch.nn.Module,
+    embedder: tuple[PAWSEncoder, str],
     settings: Settings,
     dataset: EvalData,
     labelled: np.ndarray,
     bank_description: str,
     source: str,
 ) -> KnnResult:
-    encoder = encoder_of(model)
-    which = settings.eval.embedding
+    # The method says which encoder and which of its outputs evaluation embeds with (eval.embedding=auto).
+    encoder, default = embedder
+    which = settings.eval.embedding if settings.eval.embedding != "auto" else default
     if which == "auto":
         which = "prediction" if encoder.prediction is not None else "projection"
     batch = settings.eval.batch_size

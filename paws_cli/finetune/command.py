@@ -12,10 +12,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from paws_cli import distributed as dist
-from paws_cli.checkpoints import PretrainedWeights, load_pretrained, resolve_settings
+from paws_cli import collectives as dist
 from paws_cli.finetune.results import FinetuneResult, finetune_table
 from paws_cli.finetune.train import RESULTS, run_finetune
+from paws_cli.pretrained import PretrainedWeights, load_pretrained, resolve_settings
 
 
 def default_run_name(weights: PretrainedWeights, mode: str) -> str:

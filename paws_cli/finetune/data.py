@@ -9,7 +9,7 @@
   pure functions of (seed, step, rank): a resumed run sees exactly what an uninterrupted one would.
 - Evaluation: ``eval_transform`` at the training size (``EvalGeometry``), top-1/top-5 counted per process and
   summed across processes.
-- ImageFolder data (data.format=folder) is read through ``paws_cli.data.eval_data.FolderEvalData``: training
+- ImageFolder data (data.format=folder) is read through ``paws_cli.data.backends.eval_data.FolderEvalData``: training
   views are rendered by PIL in DataLoader workers (``FolderFinetuneBatches``, the same images per step and the
   same per-view seeding as pretraining's folder data), evaluation uses the folder evaluation transform, and
   ``finetune.val_split`` lists file names (ImageNet's official ``val.txt``: ``official:val``).
@@ -31,12 +31,11 @@ import torch.distributed as torch_dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from paws_cli import distributed as dist
+from paws_cli import collectives as dist
 from paws_cli.config import Settings
-from paws_cli.data.arrays import ArrayDataset
-from paws_cli.data.augment import MultiCropAugment, ViewSpec, eval_transform
-from paws_cli.data.eval_data import EvalData, FolderEvalData, MemoryEvalData
-from paws_cli.data.folder import (
+from paws_cli.data.augment.views import MultiCropAugment, ViewSpec, eval_transform
+from paws_cli.data.backends.eval_data import EvalData, FolderEvalData, MemoryEvalData
+from paws_cli.data.backends.folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     UNLABELLED,
@@ -48,8 +47,10 @@ from paws_cli.data.folder import (
     collect_before_fork,
     worker_init,
 )
-from paws_cli.data.pipeline import as_nchw, step_generator
-from paws_cli.data.splits import read_split, resolve_names
+from paws_cli.data.backends.memory import as_nchw
+from paws_cli.data.datasets.arrays import ArrayDataset
+from paws_cli.data.sampling.batch import step_generator
+from paws_cli.data.splits.files import read_split, resolve_names
 
 #: Salt of the held-out draw, so it differs from the labelled-subset draw made with the same data.split_seed.
 _HELDOUT_SALT = 0x7E1D

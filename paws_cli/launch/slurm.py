@@ -21,6 +21,7 @@ from rich.console import Console
 
 from paws_cli.config import Settings
 from paws_cli.config.schema import SlurmSettings
+from paws_cli.methods.sizes import global_sizes
 from paws_cli.train.rundir import CHECKPOINT, prepare_run_dir, run_dir_of
 
 if TYPE_CHECKING:
@@ -98,17 +99,15 @@ def torchrun_environment(job_env: Any) -> dict[str, str]:
 
 def describe_submission(settings: Settings) -> list[str]:
     """The resolved global numbers to check before the job spends GPU-hours (sizes in settings are per process)."""
-    slurm, optim, support, augment = settings.slurm, settings.optim, settings.support, settings.augment
+    slurm, optim = settings.slurm, settings.optim
     world = process_count(slurm)
+    sizes = global_sizes(settings, world)
     per_node = f"{slurm.gpus_per_node} GPU(s)" if slurm.gpus_per_node else "1 CPU process"
-    classes = support.classes_per_batch * (world if support.unique_classes_per_rank else 1)
-    support_images = support.classes_per_batch * support.images_per_class * augment.support_views * world
     lines = [
         f"processes: {world} = {slurm.nodes} node(s) x {per_node}"
         + (f" (recipe written for {settings.world_size})" if world != settings.world_size else ""),
-        f"global unlabelled batch: {optim.batch_size * world} ({optim.batch_size} per process)",
-        f"global support: {classes} classes x {support.images_per_class} images x {augment.support_views} "
-        f"view(s) = {support_images} per step",
+        f"global unlabelled batch: {sizes.batch} ({optim.batch_size} per process)",
+        *([sizes.support_line()] if sizes.support is not None else []),
         f"lr: {optim.lr} peak (absolute, for the global batch above); {optim.epochs} epochs",
     ]
     if world != settings.world_size:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from paws_cli.distributed import all_reduce_mean, gather_no_grad, gather_with_grad
+from paws_cli.collectives import all_reduce_mean, gather_no_grad, gather_with_grad
 
 #: Target probabilities below this are zeroed (and not renormalised), as the reference does.
 TARGET_FLOOR = 1e-4

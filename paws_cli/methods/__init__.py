@@ -1,19 +1,30 @@
-"""Training methods: what is specific to one method (its model heads, targets and loss) lives here; data,
-samplers, models, optimiser, loop and evaluation are shared. SemPPL will be added as another module."""
+"""Training methods as plug-ins: what is specific to a method (its settings section, the data it needs, its model,
+loss, per-step hook and state) lives in one module that registers itself with ``@register_method``; data,
+samplers, models, optimiser, loop, checkpoints and evaluation are shared. Methods of other packages register
+through the entry-point group ``paws_cli.methods``.
+"""
 
 from __future__ import annotations
 
 from paws_cli.config.schema import Settings
-from paws_cli.methods.base import Method
+from paws_cli.method_registry import method_class, method_names, register_method
+from paws_cli.methods.base import Method, encoder_of
 from paws_cli.methods.paws import PAWSMethod
 from paws_cli.methods.supervised import SupervisedMethod
-
-METHODS: dict[str, type[Method]] = {"paws": PAWSMethod, "supervised": SupervisedMethod}
 
 
 def create_method(settings: Settings, in_chans: int, num_classes: int) -> Method:
     """The method named by settings.method."""
-    return METHODS[settings.method](settings, in_chans=in_chans, num_classes=num_classes)
+    return method_class(settings.method)(settings, in_chans=in_chans, num_classes=num_classes)
 
 
-__all__ = ["METHODS", "Method", "PAWSMethod", "SupervisedMethod", "create_method"]
+__all__ = [
+    "Method",
+    "PAWSMethod",
+    "SupervisedMethod",
+    "create_method",
+    "encoder_of",
+    "method_class",
+    "method_names",
+    "register_method",
+]

@@ -1,14 +1,36 @@
-"""PAWS: the model (backbone + projection + optional prediction head) and the step's loss."""
+"""PAWS (Assran et al., ICCV 2021): the model (backbone + projection + optional prediction head), its settings
+section ``paws:`` and the step's loss (PAWS-SPEC.md section 1)."""
 
 from __future__ import annotations
 
 import math
 
+from pydantic import Field
 from torch import Tensor, nn
 
-from paws_cli.data.pipeline import Batch
+from paws_cli.config.schema import Settings, SupportBatchShape
+from paws_cli.data.needs import DataNeeds, SupportShape
+from paws_cli.data.sampling.batch import Batch
 from paws_cli.losses import paws_health, paws_loss_terms, support_label_matrix
+from paws_cli.method_registry import register_method
 from paws_cli.methods.base import Method
+
+
+class PAWSSettings(SupportBatchShape):
+    """PAWS's loss and its labelled support batch (K classes x P images per process)."""
+
+    tau: float = Field(0.1, gt=0, description="Soft nearest-neighbour temperature.")
+    sharpen_T: float = Field(  # noqa: N815  (the paper calls it T; the loss argument is sharpen_T)
+        0.25, gt=0, description="Target sharpening temperature T (0 < T; T < 1 sharpens)."
+    )
+    me_max: bool = Field(True, description="Add the mean-entropy maximisation regulariser.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Support label smoothing.")
+
+
+def support_shape(settings: Settings, section: str) -> SupportShape:
+    """The support batch declared by the method section ``section``."""
+    cfg = settings.section(section)
+    return SupportShape(cfg.classes_per_batch, cfg.images_per_class, cfg.unique_classes_per_rank, section)
 
 
 class PAWSModel(nn.Module):
@@ -22,15 +44,19 @@ class PAWSModel(nn.Module):
         return self.encoder(views)
 
 
+@register_method("paws")
 class PAWSMethod(Method):
-    name = "paws"
-    needs_unlabelled = True
+    settings_class = PAWSSettings
+
+    @classmethod
+    def data_needs(cls, settings: Settings) -> DataNeeds:
+        return DataNeeds(unlabelled_views=True, support=support_shape(settings, cls.name))
 
     def build_model(self) -> nn.Module:
         return PAWSModel(self.build_encoder())
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        cfg = self.settings.loss
+        cfg: PAWSSettings = self.cfg
         multicrop = len(batch.views) - 2
         # supports first, then the 2 large views (same resolution: one BatchNorm group), then the small views
         h, z = model(batch.supports + batch.views)

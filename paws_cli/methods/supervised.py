@@ -1,7 +1,8 @@
 """The supervised-only baseline: same backbone and augmentations, cross-entropy on the labelled images only.
 
-It trains on the class-balanced support batches (the labelled subset) with a linear classifier on the backbone,
-so every accuracy the toolkit reports can stand beside what the labels alone give.
+It trains on class-balanced batches of the labelled subset (the ``supervised:`` section gives their shape) with a
+linear classifier on the backbone, so every accuracy the toolkit reports can stand beside what the labels alone
+give.
 """
 
 from __future__ import annotations
@@ -10,8 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from paws_cli.data.pipeline import Batch
+from paws_cli.config.schema import Settings, SupportBatchShape
+from paws_cli.data.needs import DataNeeds
+from paws_cli.data.sampling.batch import Batch
+from paws_cli.method_registry import register_method
 from paws_cli.methods.base import Method
+from paws_cli.methods.paws import support_shape
+
+
+class SupervisedSettings(SupportBatchShape):
+    """The labelled batch of the baseline: K classes x P images per process (as PAWS's support batch)."""
 
 
 class SupervisedModel(nn.Module):
@@ -24,9 +33,14 @@ class SupervisedModel(nn.Module):
         return self.classifier(self.encoder.backbone(images))
 
 
+@register_method("supervised")
 class SupervisedMethod(Method):
-    name = "supervised"
-    needs_unlabelled = False
+    settings_class = SupervisedSettings
+    default_embedding = "backbone"  # it trains no projection head
+
+    @classmethod
+    def data_needs(cls, settings: Settings) -> DataNeeds:
+        return DataNeeds(unlabelled_views=False, support=support_shape(settings, cls.name))
 
     def build_model(self) -> nn.Module:
         return SupervisedModel(self.build_encoder(projection=False, prediction=False), self.num_classes)

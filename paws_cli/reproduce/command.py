@@ -8,7 +8,7 @@ generates a tiny ImageNet-layout folder and runs the same plan on the CPU in a f
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -103,8 +103,12 @@ def reproduce_command(
     overrides: Sequence[str],
     pretrain_overrides: Sequence[str],
     console: Console,
+    cli_app: Callable[..., object],
 ) -> int:
-    """Build the plan; print it (dry run) or run it and write the report. Returns the exit status."""
+    """Build the plan; print it (dry run) or run it and write the report. Returns the exit status.
+
+    ``cli_app`` is the `paws` Typer app, which runs the steps in this process at smoke scale.
+    """
     table_cells(table)  # an unknown table fails before anything else
     if scale not in ("full", "smoke"):
         raise ValueError(f"--scale must be full or smoke, got {scale!r}")
@@ -143,7 +147,7 @@ def reproduce_command(
         console.print(f"smoke data: {make_smoke_imagenet(imagenet)}", highlight=False)
     for note in plan.notes:
         console.print(f"note: {note}", highlight=False, markup=False)
-    executor = InProcessExecutor() if scale == "smoke" else SubprocessExecutor(launcher)
+    executor = InProcessExecutor(cli_app) if scale == "smoke" else SubprocessExecutor(launcher)
     outcomes = run_plan(plan, executor, lambda line: console.print(line, highlight=False, markup=False))
     md, results = write_report(plan, outcomes)
     console.print(md.read_text(), markup=False, highlight=False)

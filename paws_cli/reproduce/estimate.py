@@ -20,6 +20,7 @@ scaled from it by compute, assuming GPUs stay compute-bound (a rough, documented
 from __future__ import annotations
 
 from paws_cli.config import Settings
+from paws_cli.methods.sizes import global_sizes
 
 #: Paper: 100 epochs of the r50 recipe in about 8.2 h on 64 V100 (spec section 8).
 V100_HOURS_PER_R50_EPOCH = 8.2 * 64 / 100
@@ -36,11 +37,10 @@ FORWARD_ONLY = 1 / 3
 
 def passes_per_image(settings: Settings) -> float:
     """224-px-equivalent image passes (forward + backward) per unlabelled image in one pretraining step."""
-    a, o, s = settings.augment, settings.optim, settings.support
-    world = settings.world_size
+    a = settings.augment
+    sizes = global_sizes(settings)
     small = a.num_small * (a.small_size / a.large_size) ** 2
-    supports = s.classes_per_batch * s.images_per_class * a.support_views * world
-    return 2 + small + supports / (o.batch_size * world)
+    return 2 + small + sizes.support_total / sizes.batch
 
 
 def _r50_reference() -> float:

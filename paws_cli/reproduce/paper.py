@@ -30,7 +30,7 @@ class Cell:
 
     @property
     def recipe(self) -> str:
-        """The recipe in recipes/ for this architecture and label fraction."""
+        """The recipe in paws_cli/recipes/ for this architecture and label fraction."""
         return f"{self.recipe_prefix}_{self.fraction.rstrip('%')}pct"
 
     @property

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from paws_cli.config import Settings, load_settings, recipe_description, recipe_names
 from paws_cli.config.loader import load_recipe_tree
+from paws_cli.methods.sizes import global_sizes
 
 #: Stand-in for a data.path the recipe leaves to the user (never opened: listing only validates settings).
 PATH_PLACEHOLDER = "<data.path>"
@@ -44,10 +45,8 @@ def load_for_listing(name: str) -> Settings:
 
 def global_support(settings: Settings) -> tuple[int, int, int]:
     """(classes, images per class, views) of the global support at the recipe's world size (spec section 2)."""
-    s, world = settings.support, settings.world_size
-    if s.unique_classes_per_rank:
-        return s.classes_per_batch * world, s.images_per_class, settings.augment.support_views
-    return s.classes_per_batch, s.images_per_class * world, settings.augment.support_views
+    sizes = global_sizes(settings)
+    return sizes.support_classes, sizes.support_images, sizes.support_views
 
 
 def labels_text(settings: Settings) -> str:

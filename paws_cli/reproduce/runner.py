@@ -61,15 +61,20 @@ class SubprocessExecutor:
 
 
 class InProcessExecutor:
-    """Each step through the Typer app in this process, its stdout and stderr redirected into the log."""
+    """Each step through the Typer app in this process, its stdout and stderr redirected into the log.
+
+    ``app`` is the `paws` Typer app (``paws_cli.cli.app``), passed in by the caller so that this module does not
+    import the CLI that imports it.
+    """
+
+    def __init__(self, app: Callable[..., object]) -> None:
+        self.app = app
 
     def __call__(self, argv: Sequence[str], log: Path, parallel: bool) -> int:
-        from paws_cli.cli import app
-
         with log.open("a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
             print(f"$ {shlex.join(('paws', *argv))}", flush=True)
             try:
-                result = app(args=list(argv), prog_name="paws", standalone_mode=False)
+                result = self.app(args=list(argv), prog_name="paws", standalone_mode=False)
             except SystemExit as exc:  # click's own usage errors
                 return exc.code if isinstance(exc.code, int) else 1
             except Exception:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from paws_cli.data.splits import imagenet_class_of, official_split
+from paws_cli.data.splits.files import imagenet_class_of, official_split
 
 #: scikit-image photos used as classes, one per class (colour ones first).
 PHOTOS: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina")

@@ -57,7 +57,7 @@ def _image_files(root: Path) -> list[tuple[str, int]]:
 
 
 def _convert_status(step: Step) -> StepStatus:
-    from paws_cli.data.sidecar import hash_sources, read_sidecar, sidecar_path
+    from paws_cli.data.backends.sidecar import hash_sources, read_sidecar, sidecar_path
 
     beton = step.result
     if not beton.exists() and not sidecar_path(beton).exists():

@@ -1,0 +1,1 @@
+"""Training and evaluation data back ends: in-memory arrays, ImageFolder (PIL) and FFCV .beton files."""

@@ -1,0 +1,1 @@
+"""Labelled/unlabelled split files: reading, writing and drawing them, and the shipped official lists."""

@@ -1,0 +1,89 @@
+"""What a run prints before its first step: compute, data and the resolved global sizes a user checks before
+spending GPU-hours, and a warning when the process count differs from the recipe's."""
+
+from __future__ import annotations
+
+from paws_cli.config import Settings
+from paws_cli.methods.sizes import global_sizes
+from paws_cli.train.process_group import DistContext
+
+
+def describe_compute(settings: Settings, ctx: DistContext) -> str:
+    """Device, processes and the speed switches, as the first lines of a run show them."""
+    m, run = settings.model, settings.run
+    parts = [ctx.describe() if ctx.world_size > 1 else f"device {ctx.device}"]
+    if ctx.world_size > 1:
+        sync = m.sync_batchnorm and ctx.device.type != "cpu"
+        parts.append("DDP, SyncBatchNorm" if sync else "DDP, per-process BatchNorm")
+    parts.append("fp32" if run.precision == "fp32" else f"{run.precision} autocast (loss in fp32)")
+    if run.precision == "fp16" and ctx.device.type == "cuda":
+        parts.append("grad scaler")
+    parts.append("channels_last" if m.channels_last else "contiguous NCHW")
+    parts.append("torch.compile(backbone)" if m.compile else "eager")
+    return ", ".join(parts)
+
+
+def describe_globals(settings: Settings, world: int, steps_per_epoch: int, total_steps: int) -> list[str]:
+    """The resolved global numbers: processes, batch, support, learning rates and steps."""
+    o, a = settings.optim, settings.augment
+    sizes = global_sizes(settings, world)
+    lines = [
+        f"processes: {world}"
+        + (f" (recipe written for {settings.world_size})" if world != settings.world_size else "")
+    ]
+    if sizes.batch:
+        lines.append(
+            f"global unlabelled batch: {sizes.batch} ({o.batch_size} per process), views 2x{a.large_size}px"
+            + (f" + {a.num_small}x{a.small_size}px" if a.num_small else "")
+        )
+    if sizes.support is not None:
+        lines.append(sizes.support_line())
+    lines.append(
+        f"lr: {o.start_lr} -> {o.lr} over {o.warmup_epochs} warm-up epochs, cosine to {o.final_lr}; "
+        f"{o.optimizer}, weight decay {o.weight_decay}"
+    )
+    lines.append(f"steps: {steps_per_epoch} per epoch x {o.epochs} epochs = {total_steps}")
+    return lines
+
+
+def world_size_warning(settings: Settings, world: int) -> str | None:
+    """What running on ``world`` processes changes when the recipe was written for another number, or None.
+
+    Sizes are per process, so the global batch and support scale with the process count while the learning
+    rates (absolute values for the recipe's global batch) stay: say so, and which per-process sizes would
+    keep the recipe's global numbers.
+    """
+    planned = settings.world_size
+    if world == planned:
+        return None
+    o = settings.optim
+    now, want = global_sizes(settings, world), global_sizes(settings, planned)
+    want_batch = settings.optim.batch_size * planned
+    keep = [f"optim.batch_size={want_batch // world}"] if want_batch % world == 0 else []
+    needed = 1
+    support = ""
+    if now.support is not None:
+        needed = 2
+        shape = now.support
+        if shape.unique_classes_per_rank and want.support_classes % world == 0:
+            keep.append(f"{shape.section}.classes_per_batch={want.support_classes // world}")
+        elif not shape.unique_classes_per_rank and want.support_images % world == 0:
+            keep.append(f"{shape.section}.images_per_class={want.support_images // world}")
+        support = (
+            f" and the global support {now.support_classes} classes x {now.support_images} images (recipe: "
+            f"{want.support_classes} x {want.support_images})"
+        )
+    hint = (
+        f"To keep the recipe's global numbers, set {' '.join(keep)} world_size={world}, or adjust the "
+        "learning rates yourself."
+        if len(keep) == needed
+        else "The recipe's global numbers cannot be kept exactly on this many processes: adjust the sizes or "
+        "the learning rates yourself."
+    )
+    return (
+        f"warning: running on {world} process(es), but the recipe was written for world_size={planned}. "
+        f"Batch and support sizes are per process and are kept, so the global unlabelled batch is "
+        f"{o.batch_size * world} (recipe: {want_batch}){support}; steps per epoch change with them. The learning "
+        f"rates ({o.start_lr} -> {o.lr} -> {o.final_lr}) are absolute values for the recipe's global batch and "
+        f"are used unchanged. {hint}"
+    )

@@ -1,0 +1,285 @@
+"""Setting a training run up: process group, run directory, data, method, model, optimiser, schedule, then
+resume or a fresh start. ``set_up`` returns a :class:`Run`, everything the loop reads and updates."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from paws_cli.collectives import mean_over_processes
+from paws_cli.config import Settings
+from paws_cli.data.sources import TrainDataLike, build_train_data
+from paws_cli.data.splits.files import write_split
+from paws_cli.method_registry import method_class
+from paws_cli.methods import Method, create_method
+from paws_cli.optim import StepSchedule, create_optimizer
+from paws_cli.train.banner import describe_compute, describe_globals, world_size_warning
+from paws_cli.train.guards import BudgetClock, NonFiniteGuard, StopSignals
+from paws_cli.train.process_group import DistContext, barrier, init_distributed, main_first, wrap_model
+from paws_cli.train.progress import TrainProgress
+from paws_cli.train.run_state import restore_checkpoint
+from paws_cli.train.rundir import (
+    CHECKPOINT,
+    JsonlWriter,
+    prepare_run_dir,
+    run_dir_of,
+    trim_logs,
+    write_resolved_config,
+)
+from paws_cli.train.step import make_grad_scaler
+
+
+@dataclass
+class EpochMeter:
+    """Steps of an epoch, those with a finite loss, and the sums of their logged values (a checkpoint taken
+    inside an epoch carries them, averaged over processes)."""
+
+    count: int = 0
+    finite: int = 0
+    sums: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, logs: dict[str, Any]) -> None:
+        self.finite += 1
+        for key, value in logs.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def partial(self, totals: dict[str, float]) -> dict[str, Any]:
+        return {"count": self.count, "finite": self.finite, "sums": totals}
+
+
+@dataclass
+class Run:
+    """One process's training run: what was built, and the counters the loop advances."""
+
+    settings: Settings
+    console: Console
+    ctx: DistContext
+    run_dir: Path
+    data: TrainDataLike
+    method: Method
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: StepSchedule
+    scaler: torch.amp.GradScaler | None
+    total_steps: int
+    labelled_source: str
+    step: int = 0
+    complete: bool = False  # resumed from a checkpoint of a finished run: nothing to train
+    budget_spent: bool = False
+    partial: dict[str, Any] = field(default_factory=dict)
+    last_epoch: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0  # this session
+    train_seconds_before: float = 0.0  # earlier sessions of a resumed run
+    data_seconds: float = 0.0
+    steps_this_session: int = 0
+    guard: NonFiniteGuard = field(init=False)
+    clock: BudgetClock = field(init=False)
+    signals: StopSignals = field(default_factory=StopSignals)
+    progress: TrainProgress = field(init=False)
+    step_log: JsonlWriter | None = None
+    epoch_log: JsonlWriter | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT
+
+    @property
+    def unbounded(self) -> bool:
+        """A time-budgeted run trains until its budget is spent (its schedule follows elapsed time)."""
+        return self.settings.run.time_budget_s is not None
+
+    @property
+    def last_stop(self) -> int:
+        """The step this run stops after: the schedule's end, or run.max_steps (total steps of the run)."""
+        max_steps = self.settings.run.max_steps
+        end = sys.maxsize if self.unbounded else self.total_steps
+        return min(end, max_steps) if max_steps else end
+
+    @property
+    def last_epoch_index(self) -> int:
+        return sys.maxsize if self.unbounded else math.ceil(self.total_steps / self.data.steps_per_epoch)
+
+    def set_lr(self, elapsed: float) -> float:
+        """This step's learning rate: from the step counter, or from the budget share on time-budgeted runs."""
+        if self.settings.run.time_budget_s:
+            return self.schedule.set_progress(self.clock.progress(elapsed))
+        return self.schedule.set(self.step)
+
+    def epoch_meter(self) -> EpochMeter:
+        partial, self.partial = self.partial, {}
+        return EpochMeter(
+            int(partial.get("count", 0)), int(partial.get("finite", 0)), dict(partial.get("sums", {}))
+        )
+
+    def account(self, waited: float, seconds: float) -> None:
+        self.data_seconds += waited
+        self.train_seconds += seconds
+        self.steps_this_session += 1
+
+    def speed(self) -> float:
+        """Unlabelled images per second over this session's steps."""
+        images = self.settings.optim.batch_size * self.ctx.world_size * self.steps_this_session
+        return images / max(self.train_seconds, 1e-9)
+
+    def finish(self) -> None:
+        """Close the logs and report unreadable images met on the way (all processes call it)."""
+        for writer in (self.step_log, self.epoch_log):
+            if writer:
+                writer.close()
+        unreadable = round(
+            mean_over_processes({"n": float(self.data.skipped_images)})["n"] * self.ctx.world_size
+        )
+        if self.is_main and unreadable:
+            distinct = sorted(set(self.data.skipped_files))
+            self.console.print(
+                f"warning: unreadable images were met {unreadable} time(s) (counted per read, as an unlabelled "
+                f"image or a support) and replaced by others of their batch (data.bad_images=skip); "
+                f"{len(distinct)} distinct file(s) here, e.g. {distinct[:3]}",
+                style="yellow",
+                markup=False,  # file names may hold brackets
+                highlight=False,
+            )
+        barrier()  # nobody returns (and reads the checkpoint, or resumes) before rank 0 has written it
+
+
+def set_up(settings: Settings, *, resume: bool, overwrite: bool, console: Console, name: str) -> Run:
+    """Everything before the first step, in this order (the order fixes the initial weights)."""
+    ctx = init_distributed(settings.run)
+    if settings.run.num_threads:
+        torch.set_num_threads(settings.run.num_threads)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_flush_denormal(True)  # tiny weights late in training otherwise slow CPU kernels down
+    torch.manual_seed(
+        settings.run.seed
+    )  # the same initial weights on every process (DDP also broadcasts rank 0's)
+    # Rank 0 applies the run-directory policy and converts the dataset into the cache; the others wait for it.
+    path = run_dir_of(settings, name)
+    run_dir = main_first(
+        ctx, lambda: prepare_run_dir(path, resume=resume, overwrite=overwrite, lock=True), lambda: path
+    )
+    run = _build(settings, ctx, run_dir, console)
+    state = _resume(run) if resume else {}
+    run.guard = NonFiniteGuard(
+        settings.run.skip_nonfinite_steps, int(state.get("nonfinite_skipped", 0)), console, run.is_main
+    )
+    run.guard.last_good = run.checkpoint_path if resume else None
+    run.clock = BudgetClock(settings.run.time_budget_s, float(state.get("budget_elapsed_s", 0.0)))
+    run.progress = TrainProgress(
+        console,
+        total=None if run.unbounded else min(run.total_steps, run.last_stop),
+        start=run.step,
+        enabled=run.is_main and settings.run.progress and not run.complete,
+    )
+    if not run.complete:
+        _start_logs(run, resumed=resume)
+    return run
+
+
+def _build(settings: Settings, ctx: DistContext, run_dir: Path, console: Console) -> Run:
+    """Data, method, model (on the device, wrapped), optimiser, schedule and loss scaler."""
+    needs = method_class(settings.method).data_needs(settings)
+    # data.format picks the back end (in-memory arrays, JPEG folder, FFCV); see paws_cli.data.sources.
+    data = main_first(
+        ctx,
+        lambda: build_train_data(
+            settings, needs, device=ctx.device, world_size=ctx.world_size, rank=ctx.rank
+        ),
+    )
+    method = create_method(settings, in_chans=data.in_chans, num_classes=data.num_classes)
+    model = method.build_model().to(ctx.device)
+    if settings.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = wrap_model(model, ctx, settings.model)
+    optimizer = create_optimizer(getattr(model, "module", model), settings.optim)
+    total_steps = max(round(settings.optim.epochs * data.steps_per_epoch), 1)
+    schedule = StepSchedule(optimizer, settings.optim, total_steps, data.steps_per_epoch)
+    scaler = make_grad_scaler(ctx.device, settings.run.precision)
+    return Run(
+        settings,
+        console,
+        ctx,
+        run_dir,
+        data,
+        method,
+        model,
+        optimizer,
+        schedule,
+        scaler,
+        total_steps,
+        labelled_source=data.labelled_description,
+    )
+
+
+def _resume(run: Run) -> dict[str, Any]:
+    """Restore the checkpoint into ``run``; a finished run is marked complete and nothing is written."""
+    state = restore_checkpoint(
+        run.checkpoint_path,
+        settings=run.settings,
+        method=run.method,
+        model=run.model,
+        optimizer=run.optimizer,
+        scaler=run.scaler,
+        data=run.data,
+    )
+    run.step = int(state["step"])
+    run.partial = dict(state.get("epoch_partial") or {})
+    run.train_seconds_before = float(state.get("train_seconds", 0.0))
+    run.complete = run.step >= run.last_stop or bool(state.get("budget_spent"))
+    if run.is_main and run.complete:
+        run.console.print(
+            f"run {run.run_dir} is already complete: step {run.step} of {run.last_stop if not run.unbounded else run.step} "
+            f"(checkpoint {run.checkpoint_path}); nothing was changed. To train longer, raise optim.epochs or "
+            "run.max_steps in a new run; to start again, pass --overwrite."
+        )
+    elif run.is_main:
+        epoch = run.step // run.data.steps_per_epoch
+        within = run.step - epoch * run.data.steps_per_epoch
+        run.console.print(
+            f"resuming {run.run_dir} from {run.checkpoint_path}: step {run.step} of {run.last_stop}, epoch {epoch}"
+            + (f" (step {within} of {run.data.steps_per_epoch} in it)" if within else "")
+        )
+    return state
+
+
+def _start_logs(run: Run, *, resumed: bool) -> None:
+    """Rank 0: trim logs of steps to be trained again, write the resolved settings and labelled list, print the
+    run's banner, and open the JSONL logs."""
+    if not run.is_main:
+        return
+    settings, data, console = run.settings, run.data, run.console
+    if resumed:
+        trim_logs(run.run_dir, run.step)  # steps a killed run logged after its checkpoint are trained again
+    write_resolved_config(run.run_dir, settings)
+    write_split(
+        run.run_dir / "labelled.txt",
+        data.labelled.tolist(),
+        {"dataset": data.name, "source": run.labelled_source},
+    )
+    console.print(f"[bold]{settings.method}[/] pretraining -> {run.run_dir}")
+    console.print(f"compute: {describe_compute(settings, run.ctx)}")
+    console.print(f"data: {data.describe()}; labelled: {run.labelled_source}")
+    if data.supports is not None:
+        console.print(data.supports.describe())
+    for line in describe_globals(settings, run.ctx.world_size, data.steps_per_epoch, run.total_steps):
+        console.print(f"  {line}")
+    warning = world_size_warning(settings, run.ctx.world_size)
+    if warning:
+        console.print(warning, style="yellow", markup=False, highlight=False)
+    run.step_log = JsonlWriter(run.run_dir / "metrics.jsonl")
+    run.epoch_log = JsonlWriter(run.run_dir / "epochs.jsonl")
