@@ -10,6 +10,7 @@ from paws_cli.config.schema import Settings
 from paws_cli.method_registry import method_class, method_names, register_method
 from paws_cli.methods.base import Method, encoder_of
 from paws_cli.methods.paws import PAWSMethod
+from paws_cli.methods.semppl import SemPPLMethod
 from paws_cli.methods.supervised import SupervisedMethod
 
 
@@ -21,6 +22,7 @@ def create_method(settings: Settings, in_chans: int, num_classes: int) -> Method
 __all__ = [
     "Method",
     "PAWSMethod",
+    "SemPPLMethod",
     "SupervisedMethod",
     "create_method",
     "encoder_of",

@@ -23,6 +23,7 @@ class GlobalSizes:
     support_classes: int = 0  # distinct classes in the global support
     support_images: int = 0  # images per class in the global support
     support_views: int = 0  # augmented views per support image
+    sub_batch: int = 0  # labelled images per step joining the batch itself (all processes)
 
     @property
     def support_total(self) -> int:
@@ -44,6 +45,9 @@ def global_sizes(settings: Settings, world: int | None = None) -> GlobalSizes:
     world = settings.world_size if world is None else world
     needs = method_class(settings.method).data_needs(settings)
     batch = settings.optim.batch_size * world if needs.unlabelled_views or needs.labels_in_batch else 0
+    if needs.labelled_sub_batch is not None:
+        sub = needs.labelled_sub_batch
+        return GlobalSizes(world, batch, None, sub_batch=sub.classes_per_batch * sub.images_per_class * world)
     if needs.support is None:
         return GlobalSizes(world, batch, None)
     classes, images = needs.support.global_classes_images(world)

@@ -4,6 +4,7 @@ spending GPU-hours, and a warning when the process count differs from the recipe
 from __future__ import annotations
 
 from paws_cli.config import Settings
+from paws_cli.data.needs import needs_of
 from paws_cli.methods.sizes import global_sizes
 from paws_cli.train.process_group import DistContext
 
@@ -25,7 +26,7 @@ def describe_compute(settings: Settings, ctx: DistContext) -> str:
 
 def describe_globals(settings: Settings, world: int, steps_per_epoch: int, total_steps: int) -> list[str]:
     """The resolved global numbers: processes, batch, support, learning rates and steps."""
-    o, a = settings.optim, settings.augment
+    o = settings.optim
     sizes = global_sizes(settings, world)
     lines = [
         f"processes: {world}"
@@ -33,8 +34,8 @@ def describe_globals(settings: Settings, world: int, steps_per_epoch: int, total
     ]
     if sizes.batch:
         lines.append(
-            f"global unlabelled batch: {sizes.batch} ({o.batch_size} per process), views 2x{a.large_size}px"
-            + (f" + {a.num_small}x{a.small_size}px" if a.num_small else "")
+            f"global unlabelled batch: {sizes.batch} ({o.batch_size} per process), views {_views_text(settings)}"
+            + (f" (+ a labelled sub-batch of {sizes.sub_batch} images)" if sizes.sub_batch else "")
         )
     if sizes.support is not None:
         lines.append(sizes.support_line())
@@ -44,6 +45,16 @@ def describe_globals(settings: Settings, world: int, steps_per_epoch: int, total
     )
     lines.append(f"steps: {steps_per_epoch} per epoch x {o.epochs} epochs = {total_steps}")
     return lines
+
+
+def _views_text(settings: Settings) -> str:
+    """'2x28px + 4x16px': the views of each unlabelled image, as the method asks for them."""
+    needs = needs_of(settings)
+    if needs.views is None:
+        a = settings.augment
+        return f"2x{a.large_size}px" + (f" + {a.num_small}x{a.small_size}px" if a.num_small else "")
+    sizes = [spec.size for spec in needs.views]
+    return " + ".join(f"{sizes.count(size)}x{size}px" for size in dict.fromkeys(sizes))
 
 
 def world_size_warning(settings: Settings, world: int) -> str | None:

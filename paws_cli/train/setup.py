@@ -14,6 +14,7 @@ from rich.console import Console
 
 from paws_cli.collectives import mean_over_processes
 from paws_cli.config import Settings
+from paws_cli.data.needs import needs_of
 from paws_cli.data.sources import TrainDataLike, build_train_data
 from paws_cli.data.splits.files import write_split
 from paws_cli.method_registry import method_class
@@ -274,7 +275,7 @@ def _start_logs(run: Run, *, resumed: bool) -> None:
     console.print(f"[bold]{settings.method}[/] pretraining -> {run.run_dir}")
     console.print(f"compute: {describe_compute(settings, run.ctx)}")
     console.print(f"data: {data.describe()}; labelled: {run.labelled_source}")
-    if data.supports is not None:
+    if data.supports is not None and needs_of(settings).support is not None:
         console.print(data.supports.describe())
     for line in describe_globals(settings, run.ctx.world_size, data.steps_per_epoch, run.total_steps):
         console.print(f"  {line}")
