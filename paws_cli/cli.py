@@ -403,7 +403,10 @@ def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name or path."
 @user_errors
 def reproduce(
     table: Annotated[
-        str, typer.Argument(help="table1 (ResNet-50: Table 1) or table2 (wider ResNets: Table 2).")
+        str,
+        typer.Argument(
+            help="table1 (ResNet-50: Table 1), table2 (wider ResNets: Table 2) or semppl (SemPPL, ResNet-50)."
+        ),
     ],
     imagenet: Annotated[
         Path | None,
@@ -448,7 +451,8 @@ def reproduce(
         typer.Option(help="KEY=VALUE override for pretraining only (e.g. run.launcher=slurm slurm.nodes=8)."),
     ] = None,
 ) -> None:
-    """Reproduce the paper's Table 1 or 2: convert, make splits, pretrain, evaluate, report (resumable)."""
+    """Reproduce PAWS's Table 1 or 2, or SemPPL's table: convert, make splits, pretrain, evaluate, report
+    (resumable)."""
     from paws_cli.reproduce.command import reproduce_command
 
     if fmt not in ("auto", "ffcv", "folder"):
@@ -498,7 +502,8 @@ def demo(
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Demo recipe.")] = "fmnist_demo",
     overrides: OverridesArg = None,
 ) -> None:
-    """Pretrain PAWS on Fashion-MNIST, then compare PAWS-NN with a supervised-only and a raw-pixel baseline."""
+    """Pretrain PAWS (and SemPPL, when a recipe semppl_<recipe> exists) with one wall-clock budget, then compare
+    their nearest-neighbour and fine-tuned accuracy with a supervised-only and a raw-pixel baseline."""
     from paws_cli.demo import run_demo
 
     run_demo(recipe, overrides or [], console)

@@ -1,10 +1,11 @@
-"""`paws demo` / `make demo`: PAWS on Fashion-MNIST beside a supervised-only and a raw-pixel baseline.
+"""`paws demo` / `make demo`: PAWS and SemPPL on Fashion-MNIST beside a supervised-only and a raw-pixel baseline.
 
-1. pretrain PAWS with the recipe; 2. PAWS-NN with the run's labelled subset as bank; 3. PAWS fine-tuned
-(SimCLRv2-style, the recipe's finetune.* settings) on the labelled subset minus finetune.val_per_class images per
-class, which select the epoch; 4. the supervised-only baseline (same backbone, augmentations and labelled
-images) trained for the same wall-clock time as PAWS; 5. raw-pixel soft-NN on the same labelled images; then a
-table, also written to runs/<name>/demo_results.json.
+1. pretrain PAWS with the recipe (its epochs fix the budget); 2. PAWS-NN with the run's labelled subset as bank;
+3. PAWS fine-tuned (SimCLRv2-style, the recipe's finetune.* settings) on the labelled subset minus
+finetune.val_per_class images per class, which select the epoch; 4-6. the same for SemPPL (recipe
+``semppl_<recipe>``), trained for the same wall-clock time as PAWS; 7. the supervised-only baseline (same backbone,
+augmentations and labelled images), same wall-clock time; 8. raw-pixel soft-NN on the same labelled images; then
+one table, also written to runs/<name>/demo_results.json.
 """
 
 from __future__ import annotations
@@ -12,121 +13,155 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from paws_cli.config import load_settings
+from paws_cli.config import Settings, load_settings, recipe_names
 from paws_cli.data.backends.memory import load_dataset
-from paws_cli.eval.knn_eval import evaluate_checkpoint, raw_pixel_soft_nn
+from paws_cli.eval.knn_eval import KnnResult, evaluate_checkpoint, raw_pixel_soft_nn
+from paws_cli.finetune.results import FinetuneResult
 from paws_cli.finetune.train import run_finetune
 from paws_cli.io_utils import atomic_write_text
 from paws_cli.pretrained import load_pretrained, resolve_settings
 from paws_cli.train.checkpoint_io import load_checkpoint
-from paws_cli.train.loop import train
+from paws_cli.train.loop import TrainResult, train
 
 
-def run_demo(recipe: str, overrides: Sequence[str], console: Console) -> dict[str, object]:
-    started = time.perf_counter()
-    name = load_settings(recipe, overrides).run.name or recipe
-    paws_settings = load_settings(recipe, [*overrides, f"run.name={name}"])
-    console.rule(f"[bold]1/5 PAWS pretraining ({recipe})")
-    paws = train(paws_settings, overwrite=True, console=console, default_name=name)
-    console.rule("[bold]2/5 PAWS-NN evaluation")
-    paws_state = load_checkpoint(paws.checkpoint)
-    paws_eval = evaluate_checkpoint(paws_state, paws_settings, str(paws.checkpoint))
+@dataclass
+class Learned:
+    """One pretrained method of the demo: its run, its nearest-neighbour evaluation and its fine-tuning."""
 
-    console.rule("[bold]3/5 PAWS fine-tuning (labelled subset; epoch selected on held-out labelled images)")
-    weights = load_pretrained(paws.checkpoint)
-    # The checkpoint's settings already hold the recipe's finetune.* values and the demo's overrides. One thread:
-    # batches of 16 small images gain nothing from a second, which on a busy machine spin-waits (measured 6 s with
-    # one thread vs 176 s with two under outside load, 3 s either way on an idle machine).
+    label: str
+    run: TrainResult
+    knn: KnnResult
+    finetuned: FinetuneResult
+
+
+def _pretrain_and_evaluate(
+    label: str, settings: Settings, name: str, console: Console, step: int, steps: int
+) -> Learned:
+    console.rule(f"[bold]{step}/{steps} {label} pretraining ({settings.method})")
+    run = train(settings, overwrite=True, console=console, default_name=name)
+    console.rule(f"[bold]{step + 1}/{steps} {label}-NN evaluation, then fine-tuning")
+    knn = evaluate_checkpoint(load_checkpoint(run.checkpoint), settings, str(run.checkpoint))
+    weights = load_pretrained(run.checkpoint)
+    # The checkpoint's settings hold the recipe's finetune.* values and the demo's overrides. One thread: batches
+    # of 16 small images gain nothing from a second, which on a busy machine spin-waits.
     ft_settings, _ = resolve_settings(
         weights, None, [f"run.name={name}_finetune", "run.num_threads=1"], new_run=True
     )
     finetuned = run_finetune(
         ft_settings, weights, overwrite=True, console=console, default_name=f"{name}_finetune"
     )
+    return Learned(label, run, knn, finetuned)
 
-    console.rule(f"[bold]4/5 supervised-only baseline, same budget ({paws.train_seconds:.0f} s)")
+
+def semppl_recipe_for(recipe: str) -> str | None:
+    """The SemPPL recipe paired with a demo recipe (``semppl_<recipe>``), or None when there is none."""
+    name = f"semppl_{recipe}"
+    return name if name in recipe_names() else None
+
+
+def run_demo(recipe: str, overrides: Sequence[str], console: Console) -> dict[str, object]:
+    started = time.perf_counter()
+    name = load_settings(recipe, overrides).run.name or recipe
+    semppl_recipe = semppl_recipe_for(recipe)
+    steps = 8 if semppl_recipe else 5
+    paws_settings = load_settings(recipe, [*overrides, f"run.name={name}"])
+    paws = _pretrain_and_evaluate("PAWS", paws_settings, name, console, 1, steps)
+    budget = f"run.time_budget_s={paws.run.train_seconds:.1f}"  # every learned method gets PAWS's wall-clock
+    learned = [paws]
+    if semppl_recipe:
+        semppl_settings = load_settings(semppl_recipe, [*overrides, f"run.name={name}_semppl", budget])
+        learned.append(_pretrain_and_evaluate("SemPPL", semppl_settings, f"{name}_semppl", console, 4, steps))
+    console.rule(
+        f"[bold]{steps - 1}/{steps} supervised-only baseline, same budget ({paws.run.train_seconds:.0f} s)"
+    )
     sup_settings = load_settings(
-        recipe,
-        [
-            *overrides,
-            "method=supervised",
-            f"run.name={name}_supervised",
-            f"run.time_budget_s={paws.train_seconds:.1f}",
-        ],
+        recipe, [*overrides, "method=supervised", f"run.name={name}_supervised", budget]
     )
     supervised = train(sup_settings, overwrite=True, console=console, default_name=f"{name}_supervised")
     sup_eval = evaluate_checkpoint(
         load_checkpoint(supervised.checkpoint), sup_settings, str(supervised.checkpoint)
     )
 
-    console.rule("[bold]5/5 raw-pixel soft-NN")
+    console.rule(f"[bold]{steps}/{steps} raw-pixel soft-NN")
     dataset = load_dataset(paws_settings.data)
-    raw = raw_pixel_soft_nn(dataset, paws_state["labelled"].numpy(), tau=paws_settings.eval.soft_nn_tau)
+    labelled = load_checkpoint(paws.run.checkpoint)["labelled"].numpy()
+    raw = raw_pixel_soft_nn(dataset, labelled, tau=paws_settings.eval.soft_nn_tau)
+    title = f"{dataset.name}: top-1 on the {paws.knn.queries}-image test set, {len(labelled)} labels"
+    results = _report(title, learned, supervised, sup_eval, raw, console)
+    results |= {"recipe": recipe, "semppl_recipe": semppl_recipe, "labelled_images": len(labelled)}
+    results["test_images"] = paws.knn.queries
+    results["demo_wall_seconds"] = time.perf_counter() - started
+    console.print(f"Demo wall-clock {results['demo_wall_seconds']:.0f} s.")
+    atomic_write_text(paws.run.run_dir / "demo_results.json", json.dumps(results, indent=2) + "\n")
+    return results
 
-    labelled = len(paws_state["labelled"])
-    rows = [
-        (
-            "PAWS-NN (soft nearest neighbour)",
-            paws_eval.paws_nn_top1,
-            paws_eval.paws_nn_top5,
-            paws.train_seconds,
-        ),
-        (
-            f"PAWS fine-tuned ({finetuned.train_images} labels train, {finetuned.heldout_images} select)",
-            finetuned.test_top1,
-            finetuned.test_top5,
-            finetuned.train_seconds,
-        ),
+
+def _report(
+    title: str,
+    learned: list[Learned],
+    supervised: TrainResult,
+    sup_eval: KnnResult,
+    raw: dict[int, float],
+    console: Console,
+) -> dict[str, Any]:
+    """Print the demo table and the margins; return the numbers for demo_results.json."""
+    rows: list[tuple[str, float | None, float | None, str]] = []
+    for m in learned:
+        rows.append(
+            (
+                f"{m.label}-NN (soft nearest neighbour)",
+                m.knn.paws_nn_top1,
+                m.knn.paws_nn_top5,
+                f"{m.run.train_seconds:.0f}",
+            )
+        )
+    for m in learned:
+        f = m.finetuned
+        text = f"{m.label} fine-tuned ({f.train_images} labels train, {f.heldout_images} select)"
+        rows.append((text, f.test_top1, f.test_top5, f"+{f.train_seconds:.0f}"))
+    rows.append(
         (
             "supervised-only (same labels, same budget)",
             sup_eval.classifier_top1,
             sup_eval.classifier_top5,
-            supervised.train_seconds,
-        ),
-        ("raw-pixel soft-NN (same labels)", raw[1], raw[5], None),
-    ]
-    table = Table(title=f"{dataset.name}: top-1 on the {paws_eval.queries}-image test set, {labelled} labels")
-    for col in ("method", "top-1 %", "top-5 %", "train s"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for label, top1, top5, seconds in rows:
-        shown = "-" if seconds is None else f"{seconds:.0f}"
-        if label.startswith("PAWS fine-tuned"):
-            shown = f"+{shown}"  # on top of the PAWS pretraining above
-        table.add_row(label, f"{top1:.2f}", f"{top5:.2f}", shown)
-    console.print(table)
-    total = time.perf_counter() - started
-    margin_sup = paws_eval.paws_nn_top1 - (sup_eval.classifier_top1 or 0.0)
-    margin_raw = paws_eval.paws_nn_top1 - raw[1]
-    margin_ft = (finetuned.test_top1 or 0.0) - (sup_eval.classifier_top1 or 0.0)
-    console.print(
-        f"PAWS-NN vs supervised-only: {margin_sup:+.2f} points; vs raw pixels: {margin_raw:+.2f} points; "
-        f"PAWS fine-tuned vs supervised-only: {margin_ft:+.2f} points (fine-tuning {finetuned.train_seconds:.0f} s). "
-        f"PAWS: {paws.steps} steps, {paws.images_per_second:.0f} unlabelled img/s, data wait "
-        f"{100 * paws.data_fraction:.1f}%. Demo wall-clock {total:.0f} s."
+            f"{supervised.train_seconds:.0f}",
+        )
     )
-    results: dict[str, object] = {
-        "recipe": recipe,
-        "labelled_images": labelled,
-        "test_images": paws_eval.queries,
-        "paws_nn": {
-            "top1": paws_eval.paws_nn_top1,
-            "top5": paws_eval.paws_nn_top5,
-            "knn_top1": paws_eval.knn_top1,
-        },
-        "paws_finetuned": {
-            "top1": finetuned.test_top1,
-            "top5": finetuned.test_top5,
-            "heldout_top1": finetuned.heldout_top1,
-            "selected_epoch": finetuned.selected_epoch,
-            "train_images": finetuned.train_images,
-            "heldout_images": finetuned.heldout_images,
-            "train_seconds": finetuned.train_seconds,
-            "steps": finetuned.steps,
-        },
+    rows.append(("raw-pixel soft-NN (same labels)", raw[1], raw[5], "-"))
+    table = Table(title=title)
+    for col in ("method", "top-1 %", "top-5 %", "train s"):
+        table.add_column(col, justify="left" if col == "method" else "right", overflow="fold")
+    for label, top1, top5, seconds in rows:
+        table.add_row(label, f"{top1 or 0.0:.2f}", f"{top5 or 0.0:.2f}", seconds)
+    console.print(table)
+    sup_top1 = sup_eval.classifier_top1 or 0.0
+    for m in learned:
+        console.print(
+            f"{m.label}-NN vs supervised-only: {m.knn.paws_nn_top1 - sup_top1:+.2f} points; vs raw pixels: "
+            f"{m.knn.paws_nn_top1 - raw[1]:+.2f}; fine-tuned vs supervised-only: "
+            f"{(m.finetuned.test_top1 or 0.0) - sup_top1:+.2f}. {m.run.steps} steps, "
+            f"{m.run.steps / max(m.run.train_seconds, 1e-9):.2f} steps/s, {m.run.images_per_second:.0f} img/s, "
+            f"data wait {100 * m.run.data_fraction:.1f}%."
+        )
+        health = {k: v for k, v in m.run.last_epoch.items() if k in HEALTH_SIGNALS}
+        if health:
+            console.print(
+                f"  {m.label} health (last epoch means): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in health.items())
+            )
+    return _results_json(learned, supervised, sup_eval, raw)
+
+
+def _results_json(
+    learned: list[Learned], supervised: TrainResult, sup_eval: KnnResult, raw: dict[int, float]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "supervised_only": {
             "top1": sup_eval.classifier_top1,
             "top5": sup_eval.classifier_top5,
@@ -134,11 +169,37 @@ def run_demo(recipe: str, overrides: Sequence[str], console: Console) -> dict[st
             "steps": supervised.steps,
         },
         "raw_pixel_soft_nn": {"top1": raw[1], "top5": raw[5]},
-        "paws_train_seconds": paws.train_seconds,
-        "paws_steps": paws.steps,
-        "paws_images_per_second": paws.images_per_second,
-        "paws_data_wait_fraction": paws.data_fraction,
-        "demo_wall_seconds": total,
     }
-    atomic_write_text(paws.run_dir / "demo_results.json", json.dumps(results, indent=2) + "\n")
-    return results
+    for m in learned:
+        key = m.label.lower()
+        f = m.finetuned
+        out[f"{key}_nn"] = {
+            "top1": m.knn.paws_nn_top1,
+            "top5": m.knn.paws_nn_top5,
+            "knn_top1": m.knn.knn_top1,
+        }
+        out[f"{key}_finetuned"] = {
+            "top1": f.test_top1, "top5": f.test_top5, "heldout_top1": f.heldout_top1,
+            "selected_epoch": f.selected_epoch, "train_images": f.train_images,
+            "heldout_images": f.heldout_images, "train_seconds": f.train_seconds, "steps": f.steps,
+        }  # fmt: skip
+        out[f"{key}_run"] = {
+            "train_seconds": m.run.train_seconds,
+            "steps": m.run.steps,
+            "images_per_second": m.run.images_per_second,
+            "data_wait_fraction": m.run.data_fraction,
+            "last_epoch": m.run.last_epoch,
+        }
+    return out
+
+
+#: The health signals printed under the table (PAWS: Figure 3's; SemPPL: issue 12's).
+HEALTH_SIGNALS = (
+    "target_confidence",
+    "support_accuracy",
+    "me_max_kl",
+    "pseudo_label_accuracy",
+    "valid_positives",
+    "vote_agreement",
+    "queue_classes",
+)

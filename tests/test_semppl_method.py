@@ -33,7 +33,7 @@ def semppl(tiny_overrides: list[str]) -> list[str]:
         "method=semppl",
         "model.pred_hidden_dim=32",
         "semppl.queue_size=64",
-        "semppl.labelled_classes_per_batch=4",
+        "semppl.labelled_batch.classes_per_batch=4",
         "semppl.num_negatives=6",
     ]
 

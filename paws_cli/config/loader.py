@@ -97,7 +97,8 @@ def _did_you_mean(key: str) -> str:
 
 def _check_known(tree: Mapping[str, Any], source: str, prefix: str = "") -> None:
     known = setting_paths()
-    sections = {k.split(".", 1)[0] for k in known if "." in k}
+    # every dotted prefix of a key is a section (method sections may nest one, e.g. semppl.labelled_batch)
+    sections = {k.rsplit(".", n)[0] for k in known for n in range(1, k.count(".") + 1)}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if not prefix and key in RESERVED_KEYS:

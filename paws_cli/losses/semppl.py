@@ -78,14 +78,20 @@ def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (log_p.exp() * (log_p - log_q.detach())).sum(dim=-1)
 
 
-def _masked_anchor_mean(values: Tensor, valid: Tensor) -> Tensor:
+def _masked_anchor_mean(values: Tensor, valid: Tensor, valid_all: Tensor | None = None) -> Tensor:
     """Mean over the last (anchor) axis restricted to ``valid``; 0 (not NaN) where no anchor is valid.
 
     ``torch.where`` (rather than multiplying by the mask) keeps a non-finite value of an invalid anchor out of
-    both the value and the gradient.
+    both the value and the gradient. With ``valid_all`` (the same mask over the B_all anchors of the global
+    batch, this process's B among them) the local sum is divided by the global count times B / B_all: the mean
+    over processes (what DDP does to gradients) is then the global batch's mean over its valid anchors, however
+    the valid anchors are spread over the processes.
     """
     total = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(dim=-1)
-    return total / valid.sum(dim=-1).clamp(min=1).to(values.dtype)
+    if valid_all is None:
+        return total / valid.sum(dim=-1).clamp(min=1).to(values.dtype)
+    share = valid.shape[-1] / valid_all.shape[-1]
+    return total / (valid_all.sum(dim=-1).clamp(min=1).to(values.dtype) * share)
 
 
 def _offdiag_mean(values: Tensor) -> Tensor:
@@ -109,6 +115,7 @@ def semppl_loss(
     anchor_index: Tensor | None = None,
     inv_mode: str = "swap",
     softmax_over: str = "targets",
+    sem_valid_all: Tensor | None = None,
 ) -> SemPPLLossTerms:
     """The SemPPL objective ``c * (L_AUGM + alpha * L_SEMPOS) + lam * (I_AUGM + I_SEMPOS)`` (spec 7.5).
 
@@ -138,6 +145,12 @@ def semppl_loss(
               column); for ``onlines`` the roles swap. The semantic version replaces t_j(n) by z_{j,s}(n) and
               averages over valid anchors per (v, j, s), normaliser V * L * N_sp.
         softmax_over: "targets" (default) or "onlines", see the module docstring.
+        sem_valid_all: (L, N_sp, B_all) bool, ``sem_valid`` of every anchor of the global batch (all processes,
+            equal per-process batches). When given, the means over valid anchors of L_SEMPOS and I_SEMPOS divide
+            by the global number of valid anchors (times B / B_all), so that the processes' values (and, after
+            DDP's averaging, gradients) average to those of one process computing the global batch; without it
+            each process divides by its own count, which differs from the global mean when the valid anchors
+            are not spread evenly. Equal to ``sem_valid`` on one process.
 
     Returns:
         SemPPLLossTerms of 0-d float32 tensors. L_SEMPOS and I_SEMPOS are 0 when N_sp = 0.
@@ -169,6 +182,13 @@ def semppl_loss(
             f"sem_valid must be a bool tensor of shape {tuple(sem_pos.shape[:3])}, "
             f"got {sem_valid.dtype} {tuple(sem_valid.shape)}"
         )
+    if sem_valid_all is not None and (
+        sem_valid_all.shape != (num_large, num_sp, num_cand) or sem_valid_all.dtype != torch.bool
+    ):
+        raise ValueError(
+            f"sem_valid_all must be a bool tensor of shape {(num_large, num_sp, num_cand)}, "
+            f"got {sem_valid_all.dtype} {tuple(sem_valid_all.shape)}"
+        )
     if anchor_index is None:
         if num_cand != batch:
             raise ValueError(f"anchor_index is required when B_all={num_cand} != B={batch}")
@@ -193,7 +213,8 @@ def semppl_loss(
         # 7.2: the mean over (V, L, B) is 1/(V*L) * sum over pairs of the mean over anchors.
         augm = -log_aug[..., 0].mean()
         # 7.3: per (v, j, s), the mean over valid anchors; normaliser V * L * N_sp.
-        sempos = _masked_anchor_mean(-log_sem[..., 0], sem_valid[None]).mean() if num_sp else zero
+        valid_all = None if sem_valid_all is None else sem_valid_all[None]
+        sempos = _masked_anchor_mean(-log_sem[..., 0], sem_valid[None], valid_all).mean() if num_sp else zero
 
         inv_augm, inv_sempos = zero, zero
         if inv_mode == "swap" and num_large > 1:
@@ -203,8 +224,9 @@ def semppl_loss(
             if num_sp:
                 large_sem = log_sem[:num_large]
                 both = sem_valid[None] & sem_valid[:, None]  # [i, j, s, n]: valid for queue j and queue i
+                both_all = None if sem_valid_all is None else sem_valid_all[None] & sem_valid_all[:, None]
                 inv_sempos = _offdiag_mean(
-                    _masked_anchor_mean(_kl(large_sem, large_sem.transpose(0, 1)), both)
+                    _masked_anchor_mean(_kl(large_sem, large_sem.transpose(0, 1)), both, both_all)
                 )
         elif inv_mode == "rowcol":
             other = "onlines" if softmax_over == "targets" else "targets"
@@ -212,7 +234,7 @@ def semppl_loss(
             inv_augm = _kl(log_aug, aug_t.log_softmax(dim=-1)).mean()
             if num_sp:
                 kl_sem = _kl(log_sem, sem_t.log_softmax(dim=-1))
-                inv_sempos = _masked_anchor_mean(kl_sem, sem_valid[None]).mean()
+                inv_sempos = _masked_anchor_mean(kl_sem, sem_valid[None], valid_all).mean()
 
         total = c * (augm + alpha * sempos) + lam * (inv_augm + inv_sempos)
     return SemPPLLossTerms(augm, sempos, inv_augm, inv_sempos, total)

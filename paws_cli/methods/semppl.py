@@ -33,6 +33,15 @@ from paws_cli.modules.label_queue import LabelQueue
 from paws_cli.modules.pseudo_labels import knn_pseudo_labels, sample_semantic_positives
 
 
+class LabelledSubBatch(Section):
+    """A class-stratified labelled sub-batch that joins every batch (spec 3.2's option; per process)."""
+
+    classes_per_batch: int = Field(
+        0, ge=0, description="Classes per process; 0 keeps the natural labelled rate."
+    )
+    images_per_class: int = Field(1, ge=1, description="Images per class.")
+
+
 class SemPPLSettings(Section):
     """SemPPL's loss, queue, k-NN and target network. Tags: [3P] third-party transcription, [INFERRED], [EXT]."""
 
@@ -82,13 +91,10 @@ class SemPPLSettings(Section):
         description="'knn' (the method); 'oracle' uses the hidden true labels of all images: a diagnostic upper "
         "bound only, never a result.",
     )
-    labelled_classes_per_batch: int = Field(
-        0,
-        ge=0,
-        description="A class-stratified labelled sub-batch of this many classes per process joins every batch "
-        "(spec 3.2's option); 0 keeps the natural rate.",
+    labelled_batch: LabelledSubBatch = Field(
+        default_factory=lambda: LabelledSubBatch(),
+        description="A class-stratified labelled sub-batch joining every batch (spec 3.2's option).",
     )
-    labelled_images_per_class: int = Field(1, ge=1, description="Images per class of that sub-batch.")
 
     @model_validator(mode="after")
     def _enough_candidates(self) -> SemPPLSettings:
@@ -145,9 +151,11 @@ class SemPPLMethod(Method):
     @classmethod
     def data_needs(cls, settings: Settings) -> DataNeeds:
         cfg: SemPPLSettings = settings.section(cls.name)
-        sub = None
-        if cfg.labelled_classes_per_batch:
-            sub = SupportShape(cfg.labelled_classes_per_batch, cfg.labelled_images_per_class, True, cls.name)
+        sub, shape = None, cfg.labelled_batch
+        if shape.classes_per_batch:
+            sub = SupportShape(
+                shape.classes_per_batch, shape.images_per_class, True, f"{cls.name}.labelled_batch"
+            )
         return DataNeeds(
             unlabelled_views=True, views=semppl_views(settings), labels_in_batch=True, labelled_sub_batch=sub
         )
@@ -186,6 +194,7 @@ class SemPPLMethod(Method):
         sem_pos, sem_valid = sample_semantic_positives(
             self.queue, y_tilde_all, ids_all, cfg.num_positives, generator, exclude_self=True
         )
+        sem_valid_all = sem_valid
         sem_pos, sem_valid = sem_pos[:, :, anchor_index], sem_valid[:, :, anchor_index]
         candidates = (
             gather_with_grad(online.transpose(0, 1)).transpose(0, 1) if self._needs_all_online() else online
@@ -193,7 +202,7 @@ class SemPPLMethod(Method):
         terms = semppl_loss(
             candidates, targets, negatives, sem_pos, sem_valid, tau=cfg.tau, c=cfg.c, alpha=cfg.alpha,
             lam=cfg.lam, anchor_index=anchor_index,
-            inv_mode=cfg.inv_mode, softmax_over=cfg.softmax_over,
+            inv_mode=cfg.inv_mode, softmax_over=cfg.softmax_over, sem_valid_all=sem_valid_all,
         )  # fmt: skip
         labelled = labels_all >= 0
         self._pending = (targets[:, labelled], labels_all[labelled], ids_all[labelled])

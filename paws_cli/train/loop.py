@@ -98,7 +98,7 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
         lr = run.set_lr(elapsed)
         if not run.guard.skip(bad, model, loss, (run.step, epoch, run.ctx.rank), lr):
             backward_and_step(loss, run.optimizer, run.scaler)
-            method.after_step(model, run.step + 1, run.total_steps)
+            method.after_step(model, run.step + 1, run.planned_steps(elapsed))
             meter.add(logs)
         run.step += 1
         meter.count += 1

@@ -14,6 +14,7 @@ import torch
 
 from paws_cli.config import Settings
 from paws_cli.config.trees import flatten_keys, lookup, upgrade_saved_tree
+from paws_cli.data.needs import needs_of
 from paws_cli.data.sources import TrainDataLike
 from paws_cli.methods import Method
 from paws_cli.train.checkpoint_io import CheckpointError, load_checkpoint, load_state_strict
@@ -25,8 +26,11 @@ RESUMABLE_CHANGES = ("run.", "eval.", "slurm.", "finetune.")
 def per_process_sizes(settings: Settings) -> tuple[str, ...]:
     """Per-process sizes that may change on resume together with the number of processes, provided the global
     batch stays the same (the samplers check that and name what differs)."""
-    section = settings.method
-    return ("optim.batch_size", f"{section}.classes_per_batch", f"{section}.images_per_class")
+    needs = needs_of(settings)
+    shape = needs.support or needs.labelled_sub_batch
+    if shape is None:
+        return ("optim.batch_size",)
+    return ("optim.batch_size", f"{shape.section}.classes_per_batch", f"{shape.section}.images_per_class")
 
 
 def checkpoint_state(

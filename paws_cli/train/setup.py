@@ -120,6 +120,15 @@ class Run:
             return self.schedule.set_progress(self.clock.progress(elapsed))
         return self.schedule.set(self.step)
 
+    def planned_steps(self, elapsed: float) -> int:
+        """The run's total steps as a method's per-step schedule sees them (an EMA): the schedule's steps, or on a
+        time-budgeted run the steps the budget will allow at the pace so far (so step / total follows the
+        budget share, as the learning rate does)."""
+        if not self.settings.run.time_budget_s:
+            return self.total_steps
+        share = self.clock.progress(elapsed)
+        return max(self.step + 1, round((self.step + 1) / share)) if share > 0 else sys.maxsize
+
     def epoch_meter(self) -> EpochMeter:
         partial, self.partial = self.partial, {}
         return EpochMeter(
