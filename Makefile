@@ -7,7 +7,7 @@ STAMP := $(VENV)/.paws-setup-stamp
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages demo demo-60pc test lint bench clean-venv reproduce-table1 reproduce-table2
+.PHONY: setup system-packages demo demo-60pc test lint bench gpu-check clean-venv reproduce-table1 reproduce-table2 reproduce-semppl
 
 # Idempotent: the stamp is rebuilt only when the packaging files change.
 setup: $(STAMP)
@@ -66,6 +66,10 @@ demo-60pc: setup
 bench: setup
 	$(BIN)/python benchmarks/train_step.py
 
+# Every CUDA path checked in one table (benchmarks/gpu_check.py; at most 8 minutes on one GPU; exits 2 without CUDA).
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
+
 # The paper's Tables 1 and 2 (`paws reproduce`, README "Reproducing Tables 1 and 2"). Resumable: run it again to
 # continue. make reproduce-table1 IMAGENET=/path/to/imagenet [DRY_RUN=1] [SCALE=smoke] [LAUNCHER="torchrun ..."]
 SCALE ?= full
@@ -79,6 +83,10 @@ reproduce-table1: setup
 
 reproduce-table2: setup
 	$(BIN)/paws reproduce table2 $(REPRODUCE_ARGS)
+
+# SemPPL's ImageNet numbers (ResNet-50 fine-tuned at 1% / 10%; the SK rows are shown as not reproducible).
+reproduce-semppl: setup
+	$(BIN)/paws reproduce semppl $(REPRODUCE_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
