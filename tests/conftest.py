@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +65,21 @@ def tiny_overrides(tiny_dataset: Path, tmp_path: Path) -> list[str]:
         "run.progress=false",
         "run.log_every=4",
     ]
+
+
+@pytest.fixture()
+def ctrl_c_enabled() -> Iterator[None]:
+    """SIGINT as an interactive terminal has it (Python's KeyboardInterrupt handler) for the test's duration.
+
+    A shell starts background jobs (and CI may start the suite) with SIGINT ignored; training then rightly leaves
+    the signal alone, so tests of Ctrl-C handling must first give the process an ordinary SIGINT."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def sigint_default_in_child() -> None:
+    """preexec_fn for subprocesses that must react to SIGINT even when this process ignores it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

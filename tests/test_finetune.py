@@ -263,7 +263,7 @@ def test_resume_of_a_finished_run_changes_nothing(pretrained: Path) -> None:
 
 
 def test_interrupted_finetune_saves_and_resumes_exactly(
-    pretrained: Path, monkeypatch: pytest.MonkeyPatch
+    pretrained: Path, monkeypatch: pytest.MonkeyPatch, ctrl_c_enabled: None
 ) -> None:
     straight, _ = _finetune(pretrained, ["run.name=straight", "run.log_every=1"])
     _interrupt_at(monkeypatch, 2)  # during the third step, inside epoch 2 (2 steps per epoch)
@@ -287,7 +287,9 @@ def test_interrupted_finetune_saves_and_resumes_exactly(
         assert (Path(resumed.run_dir) / log).read_bytes() == (Path(straight.run_dir) / log).read_bytes()
 
 
-def test_cli_interrupted_finetune_exits_130(pretrained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_interrupted_finetune_exits_130(
+    pretrained: Path, monkeypatch: pytest.MonkeyPatch, ctrl_c_enabled: None
+) -> None:
     _interrupt_at(monkeypatch, 0)
     result = CliRunner().invoke(app, ["finetune", str(pretrained), *FT, "finetune.epochs=1"])
     assert result.exit_code == 130, result.output

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigint_default_in_child
 from rich.console import Console
 
 from paws_cli.config import load_settings
@@ -34,7 +35,8 @@ def _train(overrides: list[str], console: Console = QUIET, **kwargs: object):
 
 
 def _files(run_dir: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file()}
+    """Every file of a run but its lock (which records the process holding the directory now)."""
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file() and p.name != ".lock"}
 
 
 def _same_weights(a: Path, b: Path) -> None:
@@ -95,7 +97,7 @@ def test_max_steps_counts_the_runs_total_steps(tiny_overrides: list[str]) -> Non
 
 
 def test_sigint_saves_a_checkpoint_and_resume_is_exact(
-    tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+    tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch, ctrl_c_enabled: None
 ) -> None:
     straight = _train([*tiny_overrides, "run.name=straight"])
     calls = {"n": 0}
@@ -128,7 +130,9 @@ def test_ctrl_c_of_the_cli_exits_130_and_says_how_to_resume(
 ) -> None:
     args = [sys.executable, "-m", "paws_cli", "pretrain", "--recipe", "fmnist_demo", *tiny_overrides]
     args += ["optim.epochs=200", "run.name=cli", "run.progress=false"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=sigint_default_in_child
+    )
     log = tmp_path / "runs" / "cli" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (log.is_file() and log.stat().st_size) and time.monotonic() < deadline and proc.poll() is None:
