@@ -19,8 +19,8 @@ from paws_cli.cli import app
 from paws_cli.config import load_settings
 from paws_cli.reproduce import estimate
 from paws_cli.reproduce.command import ffcv_available
-from paws_cli.reproduce.paper import TABLE1, TABLE2
-from paws_cli.reproduce.plan import SMOKE_PRETRAIN, Plan, PlanOptions, build_plan
+from paws_cli.reproduce.paper import SEMPPL, TABLE1, TABLE2
+from paws_cli.reproduce.plan import SMOKE_METHOD, SMOKE_PRETRAIN, Plan, PlanOptions, build_plan
 from paws_cli.reproduce.report import render_json, write_report
 from paws_cli.reproduce.runner import run_plan
 from paws_cli.reproduce.status import step_status, total_steps
@@ -50,6 +50,15 @@ SPEC_TABLE2 = {
     ("r50x4", 200, "1%"): 69.9,
     ("r50x4", 200, "10%"): 79.0,
 }
+
+# Typed from SEMPPL-SPEC.md section 11 (the paper's abstract): (architecture, labels) -> fine-tuned top-1 %.
+SPEC_SEMPPL = {
+    ("ResNet-50", "1%"): 68.5,
+    ("ResNet-50", "10%"): 76.0,
+    ("ResNet-50 + SK", "1%"): 72.3,
+    ("ResNet-50 + SK", "10%"): 78.3,
+}
+NO_SK = "not reproducible: no SK backbone in the toolkit"
 
 
 def _plan(tmp_path: Path, table: str = "table1", scale: str = "full", fmt: str = "ffcv") -> Plan:
@@ -358,4 +367,130 @@ def test_smoke_table2_end_to_end(smoke_dirs: tuple[Path, Path]) -> None:
     assert {c["recipe"] for c in doc["cells"]} == {"r50x2_1pct", "r50x2_10pct", "r50x4_1pct", "r50x4_10pct"}
     assert math.isclose(
         sum(c["paper_top1"] for c in doc["cells"]), sum(SPEC_TABLE2.values()), rel_tol=0, abs_tol=1e-9
+    )
+
+
+# --------------------------------------------------------------------------------------------- SemPPL's table
+
+
+def test_semppl_numbers_are_the_spec_s() -> None:
+    assert {(c.architecture, c.fraction): c.paper_top1 for c in SEMPPL} == SPEC_SEMPPL
+    assert all(
+        c.method == "SemPPL" and c.metric == "finetune" and c.label == "SemPPL (fine-tuned)" for c in SEMPPL
+    )
+    assert {c.recipe for c in SEMPPL if not c.unavailable} == {"semppl_r50_1pct", "semppl_r50_10pct"}
+    assert [c.unavailable for c in SEMPPL if c.architecture.endswith("SK")] == [NO_SK, NO_SK]
+    assert {c.label for c in TABLE1} == {"PAWS (fine-tuned)", "PAWS-NN (no fine-tuning)"}
+
+
+def test_semppl_gpu_hours_count_its_views_and_its_target() -> None:
+    r50 = load_settings("r50_1pct", ["data.path=x"], environ={})
+    paws = 2 + 6 * (96 / 224) ** 2 + 6720 / 4096
+    assert estimate.passes_per_image(r50) == pytest.approx(paws)  # PAWS: unchanged
+    # SemPPL: 4 x 224 + 2 x 96 online views, forward and backward, + the 4 large views through the EMA target
+    semppl = load_settings("semppl_r50_10pct", ["data.path=x"], environ={})
+    passes = 4 + 2 * (96 / 224) ** 2 + 4 / 3
+    assert estimate.passes_per_image(semppl) == pytest.approx(passes)
+    assert estimate.pretrain_hours(semppl, 300) == pytest.approx(3 * 8.2 * 64 * passes / paws)
+    # a labelled sub-batch joins the batch with all its views: 10 more images per 64
+    demo = load_settings("semppl_fmnist_demo", environ={})
+    views = 4 + 2 * (16 / 28) ** 2
+    assert estimate.passes_per_image(demo) == pytest.approx((views + 4 / 3) * (1 + 10 / 64))
+
+
+def test_semppl_plan_full_and_smoke(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, "semppl")
+    assert [s.id for s in plan.steps] == [
+        "convert-train",
+        "splits-1pct",
+        "splits-10pct",
+        "pretrain-semppl_r50_1pct_e300",
+        "finetune-semppl_r50_1pct_e300",
+        "pretrain-semppl_r50_10pct_e300",
+        "finetune-semppl_r50_10pct_e300",
+    ]
+    passes = 4 + 2 * (96 / 224) ** 2 + 4 / 3
+    for recipe in ("semppl_r50_1pct", "semppl_r50_10pct"):
+        step = plan.step(f"pretrain-{recipe}_e300")
+        name, overrides = _settings_args(step.argv)
+        settings = load_settings(name, overrides, environ={})  # the command's settings validate
+        assert name == recipe and settings.method == "semppl" and settings.optim.epochs == 300
+        assert settings.data.format == "ffcv" and settings.data.split.endswith("/labelled.txt")
+        per_pass = 8.2 * 64 / 100 / (1_281_167 * (2 + 6 * (96 / 224) ** 2 + 6720 / 4096))
+        assert step.parallel and step.gpu_hours == pytest.approx(300 * 1_281_167 * passes * per_pass)
+    by_cell = {(c.cell.architecture, c.cell.fraction): c for c in plan.cells}
+    assert set(by_cell) == set(SPEC_SEMPPL)
+    assert (
+        by_cell[("ResNet-50", "10%")].result
+        == tmp_path / "work/runs/semppl_r50_10pct_e300_finetune/finetune.json"
+    )
+    assert by_cell[("ResNet-50 + SK", "1%")].step is None and by_cell[("ResNet-50 + SK", "1%")].result is None
+    smoke = _plan(tmp_path, "semppl", "smoke")
+    assert [s.id for s in smoke.steps] == [s.id for s in plan.steps]
+    step = smoke.step("pretrain-semppl_r50_1pct_e300")
+    assert "optim.epochs=0.3" in step.argv and set(SMOKE_PRETRAIN) | set(SMOKE_METHOD["semppl"]) <= set(
+        step.argv
+    )
+    assert not any(a.startswith("paws.") for a in step.argv)
+    assert load_settings(*_settings_args(step.argv), environ={}).world_size == 1  # type: ignore[arg-type]
+    # PAWS's smoke runs keep their support overrides
+    assert set(SMOKE_METHOD["paws"]) <= set(
+        _plan(tmp_path, "table1", "smoke").step("pretrain-r50_1pct_e100").argv
+    )
+
+
+def test_semppl_report_shows_the_sk_rows_as_not_reproducible(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, "semppl", "smoke", "folder")
+    ft = tmp_path / "work/runs/semppl_r50_1pct_e300_finetune/finetune.json"
+    ft.parent.mkdir(parents=True)
+    ft.write_text(json.dumps({"test_top1": 67.25, "complete": True}))
+    md, results = write_report(plan)
+    text = md.read_text()
+    assert md.name == "semppl_smoke.md" and "Reproduction of the SemPPL paper's" in text
+    assert "| ResNet-50 | SemPPL (fine-tuned) | 300 | 68.5 | 67.25 | -1.2 | 76.0 | not run |  |" in text
+    assert f"| ResNet-50 + SK | SemPPL (fine-tuned) | 300 | 72.3 | {NO_SK} |  | 78.3 | {NO_SK} |  |" in text
+    assert "PAWS-NN" not in text
+    doc = json.loads((tmp_path / "reports" / "semppl_smoke.json").read_text())
+    sk = [c for c in doc["cells"] if c["architecture"] == "ResNet-50 + SK"]
+    assert len(sk) == 2 and all(c["missing"] == NO_SK and c["result_file"] is None for c in sk)
+    assert [r.missing for r in results].count("not run") == 1
+
+
+def test_semppl_dry_run(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    code, text = _cli("reproduce", "semppl", "--dry-run", "--work", str(work), "--out", str(tmp_path / "r"))
+    assert code == 0, text
+    text = " ".join(text.split())
+    assert "paws pretrain --recipe semppl_r50_1pct" in text and "optim.epochs=300" in text
+    assert "V100-hours in all" in text and f"{7 if ffcv_available() else 6} steps" in text
+    assert f"not planned: SemPPL ResNet-50 + SK 1% (72.3): {NO_SK}" in text
+    assert "paws knn-eval" not in text and not work.exists()
+
+
+@pytest.mark.slow
+def test_smoke_semppl_end_to_end(smoke_dirs: tuple[Path, Path]) -> None:
+    work, out = smoke_dirs
+    args = ("semppl", "--scale", "smoke", "--work", str(work), "--out", str(out))
+    code, text = _reproduce(*args)
+    assert code == 0, text
+    doc = json.loads((out / "semppl_smoke.json").read_text())
+    cells = {(c["architecture"], c["labels"]): c for c in doc["cells"]}
+    assert set(cells) == set(SPEC_SEMPPL)
+    for (arch, _), cell in cells.items():
+        assert cell["paper_top1"] == SPEC_SEMPPL[(arch, cell["labels"])]
+        if arch.endswith("SK"):
+            assert cell["ours_top1"] is None and cell["missing"] == NO_SK
+        else:
+            assert cell["missing"] is None and 0.0 <= cell["ours_top1"] <= 100.0
+            assert json.loads(Path(cell["result_file"]).read_text())["test_top1"] == cell["ours_top1"]
+    import torch
+
+    for recipe in ("semppl_r50_1pct", "semppl_r50_10pct"):  # 561 images / 16 = 35 steps per epoch; 0.3 epochs
+        state = torch.load(work / "runs" / f"{recipe}_e300" / "checkpoint.pt", weights_only=True)
+        assert state["step"] == 10 and state["settings"]["method"] == "semppl"
+    code, text = _reproduce(*args)  # everything finished: nothing runs again
+    assert (
+        code == 0
+        and "running" not in text
+        and text.count("finished earlier") == (7 if ffcv_available() else 6)
     )

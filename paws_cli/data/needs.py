@@ -62,15 +62,19 @@ class DataNeeds:
             raise ValueError("a labelled sub-batch is part of the batch: it needs labels_in_batch=True")
 
 
-def require_support(needs: DataNeeds, fmt: str) -> SupportShape:
-    """The support shape of a method served by a back end that always draws a support batch (folder, ffcv)."""
-    if needs.support is None or needs.labels_in_batch or needs.views is not None:
+def require_servable(needs: DataNeeds, fmt: str) -> None:
+    """Refuse what the folder and ffcv back ends cannot serve: labels of the batch's images without their views
+    (those back ends choose the batch's images through the views they render), or nothing at all."""
+    if needs.labels_in_batch and not needs.unlabelled_views:
         raise ValueError(
-            f"data.format={fmt} serves multi-crop views and class-stratified support batches; this method also "
-            "asks for labels inside the batch or for no support batch, which only data.format=memory serves "
-            "so far"
+            f"data.format={fmt} serves the labels and ids of a batch's images together with their views; this "
+            "method asks for the labels without the views, which only data.format=memory serves"
         )
-    return needs.support
+    if not needs.unlabelled_views and needs.support is None:
+        raise ValueError(
+            f"data.format={fmt}: this method asks for neither views nor a support batch, so there is nothing to "
+            "serve"
+        )
 
 
 def needs_of(settings: Any) -> DataNeeds:

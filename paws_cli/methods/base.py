@@ -52,6 +52,12 @@ class Method(ABC):
     def data_needs(cls, settings: Settings) -> DataNeeds:
         """What the data back end must serve for ``settings`` (a classmethod: the data is built first)."""
 
+    @classmethod
+    def target_views(cls, settings: Settings) -> int:
+        """How many of the batch's views (the first ones) also pass through a no-gradient target network
+        (cost estimates count them as forward-only passes). Default: none."""
+        return 0
+
     def build_encoder(self, *, projection: bool = True, prediction: bool = True) -> PAWSEncoder:
         m = self.settings.model
         return create_encoder(

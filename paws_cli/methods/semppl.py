@@ -160,6 +160,10 @@ class SemPPLMethod(Method):
             unlabelled_views=True, views=semppl_views(settings), labels_in_batch=True, labelled_sub_batch=sub
         )
 
+    @classmethod
+    def target_views(cls, settings: Settings) -> int:
+        return int(settings.section(cls.name).num_large)  # the EMA target embeds the L large views (spec 4)
+
     def build_model(self) -> nn.Module:
         return SemPPLModel(self.build_encoder(prediction=self.cfg.use_predictor))
 

@@ -1,4 +1,5 @@
-"""`paws reproduce table1|table2`: plan, (dry-)run and report a reproduction of the paper's Tables 1 and 2.
+"""`paws reproduce table1|table2|semppl`: plan, (dry-)run and report a reproduction of the PAWS paper's Tables 1
+and 2, or of SemPPL's ImageNet numbers (SEMPPL-SPEC section 11).
 
 Full scale needs the ImageNet folder (``IMAGENET/train/<wnid>/*.JPEG`` and ``IMAGENET/val/<wnid>/*.JPEG``) and
 GPUs; ``--dry-run`` prints every command with its state and V100-hour estimate and runs nothing. The smoke scale
@@ -182,7 +183,7 @@ def _print_plan(plan: Plan, launcher: str | None, console: Console) -> None:
         hours = plan.gpu_hours
         console.print(
             f"estimate: {hours:,.0f} V100-hours in all, about {hours / 64:,.0f} h on 64 V100 (anchored on the "
-            "paper's 8.2 h for 100 ResNet-50 epochs on 64 V100; see paws_cli/reproduce/estimate.py)",
+            "PAWS paper's 8.2 h for 100 ResNet-50 epochs on 64 V100; see paws_cli/reproduce/estimate.py)",
             highlight=False,
         )
         how = (
@@ -191,5 +192,11 @@ def _print_plan(plan: Plan, launcher: str | None, console: Console) -> None:
             else "as single processes (give --launcher, e.g. 'torchrun --nproc_per_node 8')"
         )
         console.print(f"pretraining and fine-tuning steps run {how}", highlight=False, markup=False)
+    for cell in plan.cells:
+        if cell.cell.unavailable:
+            what = (
+                f"{cell.cell.method} {cell.cell.architecture} {cell.cell.fraction} ({cell.cell.paper_top1})"
+            )
+            console.print(f"not planned: {what}: {cell.cell.unavailable}", highlight=False, markup=False)
     md, _ = report_paths(plan)
     console.print(f"dry run: nothing was run; the report would be {md}", highlight=False)

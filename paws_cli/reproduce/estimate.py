@@ -8,6 +8,12 @@ scaled from it by compute, assuming GPUs stay compute-bound (a rough, documented
   (small/large)^2 the pixels, and S/B support images (S global supports, B global batch): r50 recipes
   2 + 6 * (96/224)^2 + 6720/4096 = 4.74 "224-px image passes" per image, forward and backward. So one such
   pass costs 5.248 / (1,281,167 * 4.74) V100-hours.
+- **Other methods** are counted from what they declare (``Method.data_needs`` and
+  ``paws_cli.methods.sizes.global_sizes``): each of the method's views costs (its size / large size)^2 passes,
+  a labelled sub-batch joining the batch adds its share of images with all their views, and a no-gradient
+  target network (SemPPL's EMA target embeds the L large views) costs a forward pass, 1/3 of a pass, per view
+  it embeds. SemPPL's ImageNet recipes: 4 + 2 * (96/224)^2 + 4/3 = 5.70 passes per image. The heads (MLPs) are
+  left out.
 - **Width.** A ResNet-50 xW has about W^2 times the FLOPs (every channel count doubles; parameters 23.5M / 94M /
   375M), so x2 costs 4x and x4 16x per image.
 - **Fine-tuning** is one 224-px view per labelled image and epoch (forward and backward), plus one forward pass
@@ -20,6 +26,8 @@ scaled from it by compute, assuming GPUs stay compute-bound (a rough, documented
 from __future__ import annotations
 
 from paws_cli.config import Settings
+from paws_cli.data.needs import needs_of
+from paws_cli.method_registry import method_class
 from paws_cli.methods.sizes import global_sizes
 
 #: Paper: 100 epochs of the r50 recipe in about 8.2 h on 64 V100 (spec section 8).
@@ -35,12 +43,23 @@ WIDTH_COST = {"resnet50": 1.0, "resnet50x1": 1.0, "resnet50x2": 4.0, "resnet50x4
 FORWARD_ONLY = 1 / 3
 
 
+def target_views(settings: Settings) -> int:
+    """How many of the method's views (the first ones) also go through a no-gradient target network."""
+    return method_class(settings.method).target_views(settings)
+
+
 def passes_per_image(settings: Settings) -> float:
     """224-px-equivalent image passes (forward + backward) per unlabelled image in one pretraining step."""
     a = settings.augment
     sizes = global_sizes(settings)
-    small = a.num_small * (a.small_size / a.large_size) ** 2
-    return 2 + small + sizes.support_total / sizes.batch
+    needs = needs_of(settings)
+    if needs.views is None:  # PAWS's multi-crop: 2 large + M small views, and the support batch
+        small = a.num_small * (a.small_size / a.large_size) ** 2
+        return 2 + small + sizes.support_total / sizes.batch
+    costs = [(view.size / a.large_size) ** 2 for view in needs.views]
+    per_image = sum(costs) + FORWARD_ONLY * sum(costs[: target_views(settings)])
+    images = 1 + sizes.sub_batch / sizes.batch  # a labelled sub-batch joins the batch with every view
+    return per_image * images + sizes.support_total / sizes.batch
 
 
 def _r50_reference() -> float:

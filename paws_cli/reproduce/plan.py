@@ -1,4 +1,4 @@
-"""The plan of `paws reproduce table1|table2`: every `paws` command, in order, with its result file and cost.
+"""The plan of `paws reproduce table1|table2|semppl`: every `paws` command, in order, with its result file and cost.
 
 Steps (each a `paws` command line; a step is finished when its result file is there and valid, see status.py):
 
@@ -6,7 +6,8 @@ Steps (each a `paws` command line; a step is finished when its result file is th
    evaluation and fine-tuning read the JPEG folders, so the validation images are not converted);
 2. ``splits``    ``paws make-splits DATASET WORK/splits/1pct --official 1% --val`` (and 10%): the official
    labelled list and the held-out ``val.txt``, checked against the dataset;
-3. ``pretrain``  ``paws pretrain --recipe r50_1pct optim.epochs=100 ...`` for every (recipe, epochs) of the table;
+3. ``pretrain``  ``paws pretrain --recipe r50_1pct optim.epochs=100 ...`` for every (recipe, epochs) of the table
+   (SemPPL: ``--recipe semppl_r50_1pct optim.epochs=300``; a cell the toolkit cannot reproduce gets no step);
 4. ``knn``       ``paws knn-eval RUN/checkpoint.pt ...``: PAWS-NN on the validation images (Table 1 only);
 5. ``finetune``  ``paws finetune RUN/checkpoint.pt ...``: the SimCLRv2 protocol, selected on val.txt.
 
@@ -14,7 +15,8 @@ Layout under WORK: ``data/``, ``splits/<1pct|10pct>/``, ``runs/<recipe>_e<epochs
 
 ``scale="smoke"`` builds the very same steps on a tiny generated ImageNet-layout folder (smoke_data.py) with
 small overrides (SMOKE_* below): the small CNN cnn_w16 at 32 px, epochs scaled by SMOKE_EPOCH_SCALE (the
-100/200/300-epoch rows keep their ratios), a quarter of a fine-tuning epoch, on the CPU.
+100/200/300-epoch rows keep their ratios), a quarter of a fine-tuning epoch, on the CPU; SMOKE_METHOD adds the
+method's own (PAWS's support batch, SemPPL's queue length).
 """
 
 from __future__ import annotations
@@ -45,14 +47,18 @@ SMOKE_PRETRAIN: tuple[str, ...] = (
     "augment.large_size=32",
     "augment.small_size=16",
     "augment.num_small=2",
-    "paws.classes_per_batch=4",
-    "paws.images_per_class=2",
     "optim.batch_size=16",
     "run.device=cpu",
     "run.precision=fp32",
     "run.log_every=1",
     "data.num_workers=0",  # tiny JPEGs decode faster in-process than worker processes start
 )
+#: Smoke settings of each method's own section, after SMOKE_PRETRAIN.
+SMOKE_METHOD: dict[str, tuple[str, ...]] = {
+    "paws": ("paws.classes_per_batch=4", "paws.images_per_class=2"),
+    # A few hundred slots: the smoke folder's 1% list holds about 50 labelled images, seen ~3 times per epoch.
+    "semppl": ("semppl.queue_size=256",),
+}
 #: Smoke settings for every evaluation (knn-eval and fine-tuning).
 SMOKE_EVAL: tuple[str, ...] = (
     "run.device=cpu",
@@ -93,11 +99,12 @@ class Step:
 
 @dataclass(frozen=True)
 class PlannedCell:
-    """A published number, the step that produces ours and where it is read from."""
+    """A published number, the step that produces ours and where it is read from (None for both when the
+    toolkit cannot reproduce the cell: ``cell.unavailable`` says why)."""
 
     cell: Cell
-    step: str
-    result: Path
+    step: str | None
+    result: Path | None
     key: str  # key of the top-1 % value in the result JSON
 
 
@@ -183,7 +190,8 @@ def build_plan(options: PlanOptions) -> Plan:
         )
 
     # 2. official splits, one folder per label fraction
-    fractions = sorted({c.fraction for c in cells}, key=lambda f: float(f.rstrip("%")))
+    runnable = [c for c in cells if not c.unavailable]
+    fractions = sorted({c.fraction for c in runnable}, key=lambda f: float(f.rstrip("%")))
     split_dirs: dict[str, Path] = {}
     for fraction in fractions:
         out = work / "splits" / _fraction_dir(fraction)
@@ -206,9 +214,12 @@ def build_plan(options: PlanOptions) -> Plan:
     planned: list[PlannedCell] = []
     seen: set[str] = set()
     metrics_by_run = {}
-    for cell in cells:
+    for cell in runnable:
         metrics_by_run.setdefault(cell.run_name, set()).add(cell.metric)
     for cell in cells:
+        if cell.unavailable:  # shown in the report with its reason; nothing to run
+            planned.append(PlannedCell(cell, None, None, "test_top1"))
+            continue
         name = cell.run_name
         run_dir = runs / name
         checkpoint = run_dir / "checkpoint.pt"
@@ -232,6 +243,7 @@ def build_plan(options: PlanOptions) -> Plan:
             ]
             if smoke:
                 argv += [f"optim.warmup_epochs={_epochs_value(warmup)}", *SMOKE_PRETRAIN]
+                argv += SMOKE_METHOD.get(settings.method, ())
             argv += [*options.overrides, *options.pretrain_overrides]
             steps.append(
                 Step(
@@ -239,8 +251,8 @@ def build_plan(options: PlanOptions) -> Plan:
                     "pretrain",
                     tuple(argv),
                     checkpoint,
-                    f"pretrain {cell.architecture} for {cell.epochs} epochs with {cell.fraction} labels "
-                    f"(recipe {cell.recipe})",
+                    f"pretrain {cell.architecture} ({cell.method}) for {cell.epochs} epochs with {cell.fraction} "
+                    f"labels (recipe {cell.recipe})",
                     needs=(*needs_data, f"splits-{_fraction_dir(cell.fraction)}"),
                     run_dir=run_dir,
                     parallel=not smoke,

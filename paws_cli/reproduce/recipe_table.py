@@ -49,6 +49,18 @@ def global_support(settings: Settings) -> tuple[int, int, int]:
     return sizes.support_classes, sizes.support_images, sizes.support_views
 
 
+def support_text(settings: Settings) -> str:
+    """The global support as `paws recipes ls` shows it: 'classes x images [x views]', the labelled sub-batch
+    that joins each batch ('sub-batch N'), or 'none' (labelled images at their natural rate in the batch)."""
+    sizes = global_sizes(settings)
+    if sizes.support is not None:
+        views = sizes.support_views
+        return f"{sizes.support_classes} x {sizes.support_images}" + (
+            f" x {views} views" if views > 1 else ""
+        )
+    return f"sub-batch {sizes.sub_batch}" if sizes.sub_batch else "none"
+
+
 def labels_text(settings: Settings) -> str:
     """How the labelled subset is chosen: an official list (its key), a split file, or a seeded draw."""
     d = settings.data
@@ -62,8 +74,7 @@ def labels_text(settings: Settings) -> str:
 def recipe_row(name: str) -> RecipeRow:
     """The listing row of one recipe."""
     s = load_for_listing(name)
-    classes, images, views = global_support(s)
-    support = f"{classes} x {images}" + (f" x {views} views" if views > 1 else "")
+    support = support_text(s)
     return RecipeRow(
         name=name,
         model=s.model.backbone,

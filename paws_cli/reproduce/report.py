@@ -2,7 +2,8 @@
 
 Every published cell is shown with our top-1 read from its result file (knn_eval.json: ``paws_nn_top1``;
 finetune.json: ``test_top1``) and the difference ours - paper in points. A cell without a result reads
-"not run", or "failed" when its step, or one it needs, failed in this invocation. Written atomically to
+"not run", or "failed" when its step, or one it needs, failed in this invocation; a cell the toolkit cannot
+reproduce reads its reason (SemPPL's SK rows: "not reproducible: no SK backbone in the toolkit"). Written atomically to
 ``OUT/<table>.md`` and ``OUT/<table>.json`` (``<table>_smoke.*`` for the smoke scale, so that a smoke run
 never overwrites a real report).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from paws_cli.io_utils import atomic_write_text
-from paws_cli.reproduce.paper import METRIC_LABELS, TITLES
+from paws_cli.reproduce.paper import PAPERS, SOURCES, TITLES
 from paws_cli.reproduce.plan import Plan, PlannedCell
 from paws_cli.reproduce.runner import StepOutcome
 
@@ -31,7 +32,7 @@ class CellResult:
 
     planned: PlannedCell
     ours: float | None
-    missing: str = ""  # NOT_RUN or FAILED when ours is None
+    missing: str = ""  # NOT_RUN, FAILED or the cell's own reason (Cell.unavailable) when ours is None
 
     @property
     def difference(self) -> float | None:
@@ -58,6 +59,9 @@ def collect(plan: Plan, outcomes: Sequence[StepOutcome] = ()) -> list[CellResult
             failed.add(step.id)
     results = []
     for planned in plan.cells:
+        if planned.result is None:  # nothing the toolkit can run reproduces it
+            results.append(CellResult(planned, None, planned.cell.unavailable))
+            continue
         value = _read_value(planned.result, planned.key) if planned.result.is_file() else None
         missing = "" if value is not None else (FAILED if planned.step in failed else NOT_RUN)
         results.append(CellResult(planned, value, missing))
@@ -83,15 +87,14 @@ def render_markdown(plan: Plan, results: Sequence[CellResult], now: dt.datetime 
     rows: dict[tuple[str, str, int], dict[str, CellResult]] = {}
     for result in results:
         cell = result.planned.cell
-        rows.setdefault((cell.architecture, METRIC_LABELS[cell.metric], cell.epochs), {})[cell.fraction] = (
-            result
-        )
+        rows.setdefault((cell.architecture, cell.label, cell.epochs), {})[cell.fraction] = result
     fractions = sorted({r.planned.cell.fraction for r in results}, key=lambda f: float(f.rstrip("%")))
+    nn = any(r.planned.cell.metric == "paws_nn" for r in results)
     header = ["architecture", "method", "epochs"]
     for f in fractions:
         header += [f"{f} paper", f"{f} ours", f"{f} ours - paper"]
     lines = [
-        f"# Reproduction of the PAWS paper's {TITLES[opts.table]}",
+        f"# Reproduction of the {PAPERS[opts.table]} paper's {TITLES[opts.table]}",
         "",
         f"Written by `paws reproduce {opts.table} --scale {opts.scale}` on {now:%Y-%m-%d %H:%M} UTC; "
         f"work folder `{opts.work}`; pretraining data format `{opts.data_format}`.",
@@ -120,15 +123,19 @@ def render_markdown(plan: Plan, results: Sequence[CellResult], now: dt.datetime 
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
-        "Paper: Assran et al., ICCV 2021 (PAWS-SPEC.md section 8). Ours: top-1 % on the 50,000 ImageNet "
-        "validation images; fine-tuned numbers are at the epoch selected on the held-out val.txt, PAWS-NN is "
-        "the soft nearest neighbour over the labelled list. 'not run': no result yet; 'failed': its step or "
-        "one it needs failed (see the logs).",
+        f"Paper: {SOURCES[opts.table]}. Ours: top-1 % on the 50,000 ImageNet "
+        "validation images; fine-tuned numbers are at the epoch selected on the held-out val.txt"
+        + (", PAWS-NN is the soft nearest neighbour over the labelled list" if nn else "")
+        + ". 'not run': no result yet; 'failed': its step or one it needs failed (see the logs).",
         "",
         "Result files:",
         "",
     ]
-    lines += [f"- {r.planned.cell.run_name} {r.planned.cell.metric}: `{r.planned.result}`" for r in results]
+    lines += [
+        f"- {r.planned.cell.run_name} {r.planned.cell.metric}: `{r.planned.result}`"
+        for r in results
+        if r.planned.result is not None
+    ]
     if plan.notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in plan.notes]
     return "\n".join(lines) + "\n"
@@ -144,7 +151,8 @@ def render_json(plan: Plan, results: Sequence[CellResult]) -> dict[str, Any]:
         "cells": [
             {
                 "architecture": r.planned.cell.architecture,
-                "recipe": r.planned.cell.recipe,
+                "method": r.planned.cell.method,
+                "recipe": r.planned.cell.recipe if r.planned.result is not None else None,
                 "epochs": r.planned.cell.epochs,
                 "labels": r.planned.cell.fraction,
                 "metric": r.planned.cell.metric,
@@ -152,7 +160,7 @@ def render_json(plan: Plan, results: Sequence[CellResult]) -> dict[str, Any]:
                 "ours_top1": r.ours,
                 "difference": r.difference,
                 "missing": r.missing or None,
-                "result_file": str(r.planned.result),
+                "result_file": None if r.planned.result is None else str(r.planned.result),
             }
             for r in results
         ],

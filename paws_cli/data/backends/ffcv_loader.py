@@ -3,6 +3,11 @@
 - The .beton and its sidecar index come from `paws convert-dataset imagefolder`; the sidecar gives every sample's
   file name and label, so the labelled subset is ``data.split`` resolved by file name (the official lists name
   files such as ``n01440764_10026.JPEG``) or the same seeded class-balanced draw as the folder back end.
+- What is served is what the method declares (``DataNeeds``): PAWS's 2 large + M small views and a support batch,
+  or a method's own views (``DataNeeds.views``: each run of equal consecutive specs is one crop group of the
+  decoder and one colour kind, so per-view BYOL presets work) with the labels (-1 outside the labelled subset),
+  ids and true labels of the batch's images, and optionally a labelled sub-batch (decoded by the support loader
+  with the batch's views, then appended to the batch), as the in-memory back end serves them.
 - Which images a step uses is decided by the shared samplers (``UnlabelledOrder``, ``SupportSampler``: the same
   distributed semantics and checkpointable state as every other back end). FFCV's own ordering and its
   ``distributed`` option are not used; a planned traversal order hands FFCV this process's indices.
@@ -46,7 +51,7 @@ from paws_cli.data.augment.color_ops_uint8 import Normalizer, apply_colour_param
 from paws_cli.data.augment.views import ViewSpec, apply_colour_params, sample_colour_params, view_specs
 from paws_cli.data.backends.folder import IMAGENET_MEAN, IMAGENET_STD
 from paws_cli.data.backends.sidecar import Sidecar, read_sidecar
-from paws_cli.data.needs import DataNeeds, needs_of, require_support
+from paws_cli.data.needs import DataNeeds, needs_of, require_servable
 from paws_cli.data.sampling.batch import Batch, step_generator
 from paws_cli.data.sampling.samplers import SupportSampler, UnlabelledOrder
 from paws_cli.data.splits.files import make_balanced_split, read_split, resolve_names
@@ -107,6 +112,17 @@ def beton_labelled(cfg: DataSettings, sidecar: Sidecar) -> tuple[np.ndarray, str
         f"{cfg.labels_per_class} per class" if cfg.labels_per_class else f"{cfg.label_percent}% per class"
     )
     return ids, f"seeded class-balanced draw, {amount}, seed {cfg.split_seed} ({len(ids)} labelled images)"
+
+
+def spec_runs(specs: Sequence[ViewSpec]) -> list[tuple[ViewSpec, int]]:
+    """(spec, count) per run of equal consecutive specs, in order: each run is one crop group and colour kind."""
+    runs: list[tuple[ViewSpec, int]] = []
+    for spec in specs:
+        if runs and runs[-1][0] == spec:
+            runs[-1] = (spec, runs[-1][1] + 1)
+        else:
+            runs.append((spec, 1))
+    return runs
 
 
 class DeviceColour:
@@ -258,7 +274,7 @@ class FFCVTrainData:
     def _build(
         self, settings: Settings, device: torch.device, world_size: int, rank: int, needs: DataNeeds
     ) -> None:
-        sup = require_support(needs, "ffcv")
+        require_servable(needs, "ffcv")
         need_unlabelled = needs.unlabelled_views
         require_ffcv()
         import numba
@@ -277,7 +293,7 @@ class FFCVTrainData:
         self.sidecar = read_sidecar(beton)
         _check_fields(beton)
         self.settings, self.device, self.rank = settings, device, rank
-        self.need_unlabelled = need_unlabelled
+        self.needs, self.need_unlabelled = needs, need_unlabelled
         self.name, self.num_classes, self.in_chans = "imagefolder", len(self.sidecar.classes), 3
         # Unreadable files were left out when the .beton was written (the sidecar lists them): none to replace.
         self.skipped_images = 0
@@ -286,26 +302,39 @@ class FFCVTrainData:
         labels = self.sidecar.labels_array()
         self.labelled = torch.as_tensor(labelled, dtype=torch.long)
         self.labelled_classes = torch.as_tensor(labels[labelled], dtype=torch.long)
+        # Labels of the train images as the batch shows them: the label inside the labelled subset, else -1.
+        self.true_labels = torch.as_tensor(labels, dtype=torch.long)
+        self.batch_labels = torch.full_like(self.true_labels, -1)
+        self.batch_labels[self.labelled] = self.labelled_classes
         seed = settings.run.seed
         self.order = UnlabelledOrder(
             self.sidecar.num_images, settings.optim.batch_size, world_size=world_size, rank=rank, seed=seed
         )
-        self.supports = SupportSampler(
-            labels[labelled],
-            classes_per_batch=sup.classes_per_batch,
-            images_per_class=sup.images_per_class,
-            batches_per_epoch=self.order.steps_per_epoch,
-            world_size=world_size,
-            rank=rank,
-            unique_classes_per_rank=sup.unique_classes_per_rank,
-            seed=seed,
-            section=sup.section,
+        # A support batch (PAWS) and a labelled sub-batch (SemPPL's option) are drawn by the same sampler.
+        sup = needs.support or needs.labelled_sub_batch
+        self.supports = (
+            None
+            if sup is None
+            else SupportSampler(
+                labels[labelled],
+                classes_per_batch=sup.classes_per_batch,
+                images_per_class=sup.images_per_class,
+                batches_per_epoch=self.order.steps_per_epoch,
+                world_size=world_size,
+                rank=rank,
+                unique_classes_per_rank=sup.unique_classes_per_rank,
+                seed=seed,
+                section=sup.section,
+            )
         )
 
         aug = settings.augment
         large, small = view_specs(aug)
-        large_colour = DeviceColour(large, device, settings.model.channels_last, ops=cfg.ffcv_colour_ops)
-        unlabelled_kinds = [(large, 2, large_colour)]
+
+        def colour(spec: ViewSpec) -> DeviceColour:
+            return DeviceColour(spec, device, settings.model.channels_last, ops=cfg.ffcv_colour_ops)
+
+        large_colour = colour(large)
         if large_colour.use_opencv:
             import cv2
 
@@ -313,14 +342,12 @@ class FFCVTrainData:
             # cost more CPU than they save there (82 vs 56 ms of CPU per 96 views of 224 px), and FFCV's
             # decoding threads already keep the other cores busy.
             cv2.setNumThreads(1)
-        if small is not None and aug.num_small:
-            unlabelled_kinds.append(
-                (
-                    small,
-                    aug.num_small,
-                    DeviceColour(small, device, settings.model.channels_last, ops=cfg.ffcv_colour_ops),
-                )
-            )
+        if needs.views is not None:  # the method's own views: one kind per run of equal consecutive specs
+            unlabelled_kinds = [(spec, count, colour(spec)) for spec, count in spec_runs(needs.views)]
+        else:  # PAWS's multi-crop
+            unlabelled_kinds = [(large, 2, large_colour)]
+            if small is not None and aug.num_small:
+                unlabelled_kinds.append((small, aug.num_small, colour(small)))
         # FFCV decodes in numba threads of this process; numba refuses more than it started with.
         self.workers = max(1, min(cfg.num_workers, int(numba.config.NUMBA_NUM_THREADS)))
         common = dict(
@@ -341,13 +368,23 @@ class FFCVTrainData:
             if need_unlabelled
             else None
         )
-        self._supports = _BetonLoader(
-            beton,
-            [(large, aug.support_views, large_colour)],
-            key=crop_key(seed, rank, SUPPORT),
-            batch_size=sup.classes_per_batch * sup.images_per_class,
-            seed=_ffcv_seed(seed, rank, SUPPORT),
-            **common,
+        # The labelled sub-batch joins the batch: its images get the batch's views.
+        support_kinds = (
+            unlabelled_kinds
+            if needs.labelled_sub_batch is not None
+            else [(large, aug.support_views, large_colour)]
+        )
+        self._supports = (
+            None
+            if sup is None
+            else _BetonLoader(
+                beton,
+                support_kinds,
+                key=crop_key(seed, rank, SUPPORT),
+                batch_size=sup.classes_per_batch * sup.images_per_class,
+                seed=_ffcv_seed(seed, rank, SUPPORT),
+                **common,
+            )
         )
 
     # --- the protocol ---
@@ -367,56 +404,91 @@ class FFCVTrainData:
 
     def state_dict(self) -> dict[str, Any]:
         """The samplers' positions at the batches served so far."""
-        return {"unlabelled": self.order.state_dict(), "supports": self.supports.state_dict()}
+        state = {"unlabelled": self.order.state_dict()}
+        if self.supports is not None:
+            state["supports"] = self.supports.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.order.load_state_dict(state["unlabelled"])
-        self.supports.load_state_dict(state["supports"])
+        if self.supports is not None:
+            self.supports.load_state_dict(state["supports"])
 
     def epoch(self, epoch: int, first_step: int) -> Iterator[Batch]:
         """The remaining batches of ``epoch``; ``first_step`` is the global step of the first one (it seeds
         its crops and colour parameters)."""
         self.order.set_epoch(epoch)
-        self.supports.set_epoch(epoch)
+        if self.supports is not None:
+            self.supports.set_epoch(epoch)
         # FFCV needs a whole pass planned ahead: draw the rest of the epoch from the samplers, then put their
         # cursors back and move them batch by batch as batches are served (what checkpoints record).
-        unlabelled_iter, support_iter = iter(self.order), iter(self.supports)
+        unlabelled_iter = iter(self.order)
+        support_iter = iter(self.supports) if self.supports is not None else None
         epoch, start = self.order.epoch, self.order.position
-        support_start = (self.supports.epoch, self.supports.position)
-        unlabelled, supports = list(unlabelled_iter), list(support_iter)
-        count = min(len(unlabelled), len(supports))
+        support_start = None if self.supports is None else (self.supports.epoch, self.supports.position)
+        unlabelled = list(unlabelled_iter)
+        supports = None if support_iter is None else list(support_iter)
+        count = len(unlabelled) if supports is None else min(len(unlabelled), len(supports))
         self._move_cursors(epoch, start, support_start, 0)
         if count == 0:
             return
-        support_ids = torch.stack(supports[:count])  # indices into the labelled subset
-        support_classes = self.labelled_classes[support_ids]
+        batch_ids = torch.stack(unlabelled[:count])  # (count, B) .beton indices
+        support_ids = None if supports is None else torch.stack(supports[:count])  # into the labelled subset
         threads = torch.get_num_threads()
-        streams: list[_Stream] = []
+        batch_stream = support_stream = None
         try:
             # One loader is started (and its code compiled) after the other: numba's compiler is not safe to
             # run from two loading threads at once.
             if self._unlabelled is not None:
-                streams.append(_Stream(self._unlabelled))
-                streams[-1].start(torch.stack(unlabelled[:count]).numpy(), first_step)
-            streams.append(_Stream(self._supports))
-            streams[-1].start(self.labelled[support_ids].numpy(), first_step)
+                batch_stream = _Stream(self._unlabelled)
+                batch_stream.start(batch_ids.numpy(), first_step)
+            if self._supports is not None and support_ids is not None:
+                support_stream = _Stream(self._supports)
+                support_stream.start(self.labelled[support_ids].numpy(), first_step)
             torch.set_num_threads(threads)  # FFCV's loading threads have set it by their first batch
             for k in range(count):
                 generator = step_generator(self.settings.run.seed, self.rank, first_step + k, self.device)
-                views = [stream.views(self.device, generator) for stream in streams]
-                classes = support_classes[k].to(self.device, non_blocking=True)
+                views = [] if batch_stream is None else batch_stream.views(self.device, generator)
+                picks = None if support_ids is None else support_ids[k]
+                extra = [] if support_stream is None else support_stream.views(self.device, generator)
+                batch = self._batch(batch_ids[k], views, picks, extra)
                 self._move_cursors(epoch, start, support_start, k + 1)
-                yield Batch(views[0] if len(views) == 2 else [], views[-1], classes)
+                yield batch
         finally:
-            for stream in streams:  # an epoch left early (max_steps, errors) stops FFCV's loading thread
-                stream.close()
+            for stream in (batch_stream, support_stream):  # an epoch left early (max_steps, errors) stops
+                if stream is not None:  # FFCV's loading thread
+                    stream.close()
             torch.set_num_threads(threads)
 
     # --- helpers ---
 
-    def _move_cursors(self, epoch: int, start: int, support_start: tuple[int, int], served: int) -> None:
+    def _batch(self, ids: Tensor, views: list[Tensor], picks: Tensor | None, extra: list[Tensor]) -> Batch:
+        """One step's Batch from its images' views and the support sampler's picks (indices into the labelled
+        subset) with their views: a support batch, or a labelled sub-batch appended to the batch itself."""
+        empty = torch.empty(0, dtype=torch.long, device=self.device)
+        if picks is not None and self.needs.labelled_sub_batch is not None:
+            layout = torch.channels_last if self.settings.model.channels_last else torch.contiguous_format
+            views = [
+                torch.cat([v, e]).contiguous(memory_format=layout) for v, e in zip(views, extra, strict=True)
+            ]
+            ids = torch.cat([ids, self.labelled[picks]])
+            batch = Batch(views, [], empty)
+        elif picks is not None:
+            batch = Batch(views, extra, self.labelled_classes[picks].to(self.device, non_blocking=True))
+        else:
+            batch = Batch(views, [], empty)
+        if self.needs.labels_in_batch:
+            batch.labels = self.batch_labels[ids].to(self.device, non_blocking=True)
+            batch.ids = ids.to(self.device, non_blocking=True)
+            batch.true_labels = self.true_labels[ids].to(self.device, non_blocking=True)
+        return batch
+
+    def _move_cursors(
+        self, epoch: int, start: int, support_start: tuple[int, int] | None, served: int
+    ) -> None:
         self.order.epoch, self.order.position = epoch, start + served
-        self.supports.epoch, self.supports.position = support_start[0], support_start[1] + served
+        if self.supports is not None and support_start is not None:
+            self.supports.epoch, self.supports.position = support_start[0], support_start[1] + served
 
 
 def _torch_threads(settings: Settings) -> int:

@@ -5,6 +5,11 @@
   resolved to ImageFolder indices by ``paws_cli.data.splits.files.resolve_names``) or a seeded class-balanced draw.
 - Batches are chosen in the main process by the shared samplers (``UnlabelledOrder``, ``SupportSampler``: the
   same distributed semantics and checkpointable state as in-memory data) and rendered in DataLoader workers.
+- What is served is what the method declares (``DataNeeds``): PAWS's 2 large + M small views and a support batch;
+  or a method's own views (``DataNeeds.views``, e.g. SemPPL's L large + S small views with per-view BYOL presets)
+  with the labels (-1 outside the labelled subset), ids and true labels of the batch's images, and optionally a
+  class-stratified labelled sub-batch drawn by the support sampler (in the support role) and appended to the
+  batch with the batch's own views, as the in-memory back end serves it.
 - Each view of each sample is made by torchvision's PIL transforms (RandomResizedCrop, flip, colour jitter with
   probability, grayscale, Gaussian blur with sigma ~ U(0.1, 2), solarize/equalize) under torch's RNG seeded from
   (run.seed, rank, step, role, position, view) alone, so views do not depend on the number of workers, on which
@@ -20,8 +25,9 @@ from __future__ import annotations
 import gc
 import os
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,7 +41,7 @@ from torchvision.transforms import functional as TF
 
 from paws_cli.config.schema import DataSettings, Settings
 from paws_cli.data.augment.views import ViewSpec, view_specs
-from paws_cli.data.needs import DataNeeds, needs_of, require_support
+from paws_cli.data.needs import DataNeeds, needs_of, require_servable
 from paws_cli.data.sampling.batch import Batch
 from paws_cli.data.sampling.samplers import SupportSampler, UnlabelledOrder
 from paws_cli.data.splits.files import make_balanced_split, read_split, resolve_names
@@ -43,7 +49,8 @@ from paws_cli.data.splits.files import make_balanced_split, read_split, resolve_
 #: ImageNet channel statistics (in [0, 1]); the reference normalises ImageNet-layout data with them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: Roles of a sample in a step's batch (part of its seed, so the two never share draws).
+#: Roles of a sample in a step's batch (part of its seed, so the two never share draws). A labelled sub-batch that
+#: joins the batch itself (DataNeeds.labelled_sub_batch) is drawn in the support role.
 UNLABELLED, SUPPORT = 0, 1
 _SEED_TAG = 0xF01D
 
@@ -347,14 +354,20 @@ class _StepKeys:
 
     @staticmethod
     def _keys(
-        order: UnlabelledOrder, supports: SupportSampler, labelled: Tensor, need_unlabelled: bool, step: int
+        order: UnlabelledOrder,
+        supports: SupportSampler | None,
+        labelled: Tensor,
+        need_unlabelled: bool,
+        step: int,
     ) -> Iterator[list[Key]]:
-        for unlabelled, support in zip(order, supports, strict=False):
+        picks: Iterable[Tensor | None] = supports if supports is not None else repeat(None)
+        for unlabelled, support in zip(order, picks, strict=False):
             keys = []
             if need_unlabelled:
                 keys += [Key(UNLABELLED, step, i, int(j)) for i, j in enumerate(unlabelled.tolist())]
-            images = labelled[support].tolist()
-            keys += [Key(SUPPORT, step, i, int(j)) for i, j in enumerate(images)]
+            if support is not None:
+                images = labelled[support].tolist()
+                keys += [Key(SUPPORT, step, i, int(j)) for i, j in enumerate(images)]
             yield keys
             step += 1
 
@@ -373,13 +386,13 @@ class FolderTrainData:
         index: FolderIndex | None = None,
     ) -> None:
         needs = needs_of(settings) if needs is None else needs
-        sup = require_support(needs, "folder")
+        require_servable(needs, "folder")
         need_unlabelled = needs.unlabelled_views
         cfg = settings.data
         if cfg.path is None:
             raise ValueError("data.format=folder needs data.path=<the ImageFolder train root>")
         self.settings, self.device, self.rank = settings, device, rank
-        self.need_unlabelled = need_unlabelled
+        self.needs, self.need_unlabelled = needs, need_unlabelled
         self.index = index if index is not None else scan_image_folder(cfg.path)
         self.name, self.num_classes, self.in_chans = "imagefolder", len(self.index.classes), 3
         labelled, self.labelled_description = folder_labelled(cfg, self.index)
@@ -391,23 +404,38 @@ class FolderTrainData:
             rank=rank,
             seed=settings.run.seed,
         )
-        self.supports = SupportSampler(
-            self.index.labels[labelled],
-            classes_per_batch=sup.classes_per_batch,
-            images_per_class=sup.images_per_class,
-            batches_per_epoch=self.order.steps_per_epoch,
-            world_size=world_size,
-            rank=rank,
-            unique_classes_per_rank=sup.unique_classes_per_rank,
-            seed=settings.run.seed,
-            section=sup.section,
+        # A support batch (PAWS) and a labelled sub-batch (SemPPL's option) are drawn by the same sampler.
+        sup = needs.support or needs.labelled_sub_batch
+        self.supports = (
+            None
+            if sup is None
+            else SupportSampler(
+                self.index.labels[labelled],
+                classes_per_batch=sup.classes_per_batch,
+                images_per_class=sup.images_per_class,
+                batches_per_epoch=self.order.steps_per_epoch,
+                world_size=world_size,
+                rank=rank,
+                unique_classes_per_rank=sup.unique_classes_per_rank,
+                seed=settings.run.seed,
+                section=sup.section,
+            )
         )
+        # Labels of the train images as the batch shows them: the label inside the labelled subset, else -1.
+        self.true_labels = torch.as_tensor(self.index.labels, dtype=torch.long)
+        self.batch_labels = torch.full_like(self.true_labels, -1)
+        self.batch_labels[self.labelled] = self.true_labels[self.labelled]
         aug = settings.augment
         large, small = view_specs(aug)
-        unlabelled_specs = [large, large] + ([small] * aug.num_small if small is not None else [])
-        self.views = FolderViews(
-            self.index, unlabelled_specs, [large] * aug.support_views, settings.run.seed, rank
+        if needs.views is not None:
+            unlabelled_specs = list(needs.views)
+        else:
+            unlabelled_specs = [large, large] + ([small] * aug.num_small if small is not None else [])
+        # The sub-batch joins the batch: its images get the batch's views.
+        support_specs = (
+            unlabelled_specs if needs.labelled_sub_batch is not None else [large] * aug.support_views
         )
+        self.views = FolderViews(self.index, unlabelled_specs, support_specs, settings.run.seed, rank)
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.inv_std = 1.0 / torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self.skipped_images = 0
@@ -433,15 +461,18 @@ class FolderTrainData:
 
     def state_dict(self) -> dict[str, Any]:
         """Sampler states at the batches actually served (the DataLoader's prefetch ran the samplers ahead)."""
-        unlabelled, supports = self.order.state_dict(), self.supports.state_dict()
+        samplers = {"unlabelled": self.order.state_dict()}
+        if self.supports is not None:
+            samplers["supports"] = self.supports.state_dict()
         if self._served is not None:
-            for state in (unlabelled, supports):
+            for state in samplers.values():
                 state["epoch"], state["position"] = self._served
-        return {"unlabelled": unlabelled, "supports": supports, "skipped_images": self.skipped_images}
+        return {**samplers, "skipped_images": self.skipped_images}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.order.load_state_dict(state["unlabelled"])
-        self.supports.load_state_dict(state["supports"])
+        if self.supports is not None:
+            self.supports.load_state_dict(state["supports"])
         # Only rank 0 saves checkpoints, so its count is the one stored; other ranks count again from zero.
         self.skipped_images = int(state.get("skipped_images", 0)) if self.rank == 0 else 0
         self._served = None
@@ -452,10 +483,12 @@ class FolderTrainData:
         if self._served is not None:  # rewind the samplers from where prefetching left them
             state = self.state_dict()
             self.order.load_state_dict(state["unlabelled"])
-            self.supports.load_state_dict(state["supports"])
+            if self.supports is not None:
+                self.supports.load_state_dict(state["supports"])
             self._served = None
         self.order.set_epoch(epoch)
-        self.supports.set_epoch(epoch)
+        if self.supports is not None:
+            self.supports.set_epoch(epoch)
         start = self.order.position
         if start >= self.steps_per_epoch:  # an epoch already finished rolls over, as the samplers do
             epoch, start = epoch + 1, 0
@@ -489,12 +522,23 @@ class FolderTrainData:
         return (x - self.mean) * self.inv_std
 
     def _finish(self, raw: dict[str, Any]) -> Batch:
-        """Account for unreadable images (data.bad_images), then move and normalise the views."""
+        """Account for unreadable images (data.bad_images), then move and normalise the views; a labelled
+        sub-batch joins the batch, and the batch's labels, ids and true labels are added when the method asks."""
         failed = check_failures(raw, self.settings.data.bad_images, self.index.root)
         self.skipped_images += len(failed)
         self.skipped_files += failed[: max(100 - len(self.skipped_files), 0)]
         views = [self._normalise(v) for v in raw.get("unlabelled_views", [])]
         supports = [self._normalise(v) for v in raw["support_views"]]
         classes = raw["support_classes"].to(self.device, non_blocking=True)
-        self.last_ids = (raw.get("unlabelled_ids"), raw["support_ids"])
-        return Batch(views, supports, classes)
+        ids = raw.get("unlabelled_ids")
+        self.last_ids = (ids, raw["support_ids"])
+        if self.needs.labelled_sub_batch is not None:  # appended to the batch, after its own images
+            views = [torch.cat([v, s]) for v, s in zip(views, supports, strict=True)]
+            ids = torch.cat([ids, raw["support_ids"]])
+            supports, classes = [], torch.empty(0, dtype=torch.long, device=self.device)
+        batch = Batch(views, supports, classes)
+        if self.needs.labels_in_batch:
+            batch.labels = self.batch_labels[ids].to(self.device, non_blocking=True)
+            batch.ids = ids.to(self.device, non_blocking=True)
+            batch.true_labels = self.true_labels[ids].to(self.device, non_blocking=True)
+        return batch
