@@ -27,7 +27,8 @@ from torch import Tensor
 
 import paws_cli.models
 from paws_cli.io_utils import atomic_path
-from paws_cli.pretrained import PretrainedWeights, check_state, load_pretrained
+from paws_cli.pretrained import PretrainedWeights, load_pretrained
+from paws_cli.train.checkpoint_io import check_state
 
 FORMATS = ("safetensors", "timm")
 

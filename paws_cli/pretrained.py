@@ -30,7 +30,7 @@ from paws_cli.config import ConfigError, Settings, load_settings
 from paws_cli.config.loader import load_recipe_tree
 from paws_cli.config.trees import merge_trees, upgrade_saved_tree
 from paws_cli.models import PAWSEncoder, create_encoder
-from paws_cli.train.checkpoint_io import FORMAT, VERSION, CheckpointError
+from paws_cli.train.checkpoint_io import FORMAT, VERSION, CheckpointError, check_state
 
 #: Model settings that define the weights' shapes: they always come from the checkpoint.
 ARCHITECTURE_KEYS = ("backbone", "proj_hidden_dim", "proj_out_dim", "proj_layers", "pred_hidden_dim")
@@ -98,28 +98,6 @@ class PretrainedWeights:
                 "only, not the projection/prediction heads this needs; use the pretraining checkpoint"
             )
         return load_into_meta_built(self.architecture.build, self.encoder_state, str(self.path)).eval()
-
-
-def check_state(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], source: str) -> None:
-    """Raise a CheckpointError listing missing keys, unexpected keys and shape mismatches (if any)."""
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in given and tuple(expected[k].shape) != tuple(given[k].shape)
-    ]
-    if not (missing or unexpected or mismatched):
-        return
-    parts = []
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-        if items:
-            shown = ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
-            parts.append(f"{len(items)} {title}: {shown}")
-    raise CheckpointError(
-        f"weights in {source} do not fit the model ({'; '.join(parts)}); nothing was loaded. The checkpoint "
-        "belongs to another architecture or was damaged."
-    )
 
 
 def load_into_meta_built(build: Any, state: Mapping[str, Tensor], source: str) -> torch.nn.Module:

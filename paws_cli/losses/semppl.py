@@ -101,6 +101,103 @@ def _offdiag_mean(values: Tensor) -> Tensor:
     return values[keep].mean()
 
 
+def _invariance(
+    inv_mode: str,
+    softmax_over: str,
+    log_aug: Tensor,
+    log_sem: Tensor,
+    vectors: tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor],
+    tau: float,
+    sem_valid: Tensor,
+    sem_valid_all: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """(I_AUGM, I_SEMPOS) of spec 7.4 for ``inv_mode`` (see ``semppl_loss``)."""
+    zero = torch.zeros((), dtype=torch.float32, device=log_aug.device)
+    inv_augm, inv_sempos = zero, zero
+    num_large, num_sp = sem_valid.shape[0], sem_valid.shape[1]
+    valid_all = None if sem_valid_all is None else sem_valid_all[None]
+    if inv_mode == "swap" and num_large > 1:
+        # Axis 0 indexes the online large view i, axis 1 the target view j, so transposing them gives (j, i).
+        large_aug = log_aug[:num_large]
+        inv_augm = _offdiag_mean(_kl(large_aug, large_aug.transpose(0, 1)))
+        if num_sp:
+            large_sem = log_sem[:num_large]
+            both = sem_valid[None] & sem_valid[:, None]  # [i, j, s, n]: valid for queue j and queue i
+            both_all = None if sem_valid_all is None else sem_valid_all[None] & sem_valid_all[:, None]
+            inv_sempos = _offdiag_mean(
+                _masked_anchor_mean(_kl(large_sem, large_sem.transpose(0, 1)), both, both_all)
+            )
+    elif inv_mode == "rowcol":
+        other = "onlines" if softmax_over == "targets" else "targets"
+        aug_t, sem_t = _logits(other, *vectors, tau)
+        inv_augm = _kl(log_aug, aug_t.log_softmax(dim=-1)).mean()
+        if num_sp:
+            kl_sem = _kl(log_sem, sem_t.log_softmax(dim=-1))
+            inv_sempos = _masked_anchor_mean(kl_sem, sem_valid[None], valid_all).mean()
+
+    return inv_augm, inv_sempos
+
+
+def _check_inputs(
+    online: Tensor,
+    targets: Tensor,
+    negatives: Tensor,
+    sem_pos: Tensor,
+    sem_valid: Tensor,
+    sem_valid_all: Tensor | None,
+    anchor_index: Tensor | None,
+    tau: float,
+    inv_mode: str,
+    softmax_over: str,
+) -> tuple[int, int, Tensor]:
+    """Check every argument of ``semppl_loss`` (errors name the argument and the expected shape); return
+    (L, N_sp, anchor_index)."""
+    if inv_mode not in INV_MODES:
+        raise ValueError(f"inv_mode must be one of {INV_MODES}, got {inv_mode!r}")
+    if softmax_over not in ORIENTATIONS:
+        raise ValueError(f"softmax_over must be one of {ORIENTATIONS}, got {softmax_over!r}")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if targets.dim() != 3:
+        raise _shape_error("targets", "(L, B_all, D)", targets)
+    num_large, num_cand, dim = targets.shape
+    if negatives.dim() != 2 or negatives.dtype != torch.long:
+        raise ValueError(
+            f"negatives must be a (B, n_e) long tensor, got {negatives.dtype} {tuple(negatives.shape)}"
+        )
+    batch = negatives.shape[0]
+    needs_candidates = softmax_over == "onlines" or inv_mode == "rowcol"
+    rows = num_cand if needs_candidates else batch
+    if online.dim() != 3 or online.shape[0] < num_large or online.shape[1:] != (rows, dim):
+        expected = f"(V >= L={num_large}, {'B_all' if needs_candidates else 'B'}={rows}, D={dim})"
+        raise _shape_error("online", expected, online)
+    if sem_pos.dim() != 4 or sem_pos.shape[0] != num_large or sem_pos.shape[2:] != (batch, dim):
+        raise _shape_error("sem_pos", f"(L={num_large}, N_sp, B={batch}, D={dim})", sem_pos)
+    num_sp = sem_pos.shape[1]
+    if sem_valid.shape != sem_pos.shape[:3] or sem_valid.dtype != torch.bool:
+        raise ValueError(
+            f"sem_valid must be a bool tensor of shape {tuple(sem_pos.shape[:3])}, "
+            f"got {sem_valid.dtype} {tuple(sem_valid.shape)}"
+        )
+    if sem_valid_all is not None and (
+        sem_valid_all.shape != (num_large, num_sp, num_cand) or sem_valid_all.dtype != torch.bool
+    ):
+        raise ValueError(
+            f"sem_valid_all must be a bool tensor of shape {(num_large, num_sp, num_cand)}, "
+            f"got {sem_valid_all.dtype} {tuple(sem_valid_all.shape)}"
+        )
+    if anchor_index is None:
+        if num_cand != batch:
+            raise ValueError(f"anchor_index is required when B_all={num_cand} != B={batch}")
+        anchor_index = torch.arange(batch, device=targets.device)
+    elif anchor_index.shape != (batch,) or anchor_index.dtype != torch.long:
+        raise ValueError(
+            f"anchor_index must be a ({batch},) long tensor, got {anchor_index.dtype} {tuple(anchor_index.shape)}"
+        )
+
+    return num_large, num_sp, anchor_index
+
+
 def semppl_loss(
     online: Tensor,
     targets: Tensor,
@@ -155,48 +252,19 @@ def semppl_loss(
     Returns:
         SemPPLLossTerms of 0-d float32 tensors. L_SEMPOS and I_SEMPOS are 0 when N_sp = 0.
     """
-    if inv_mode not in INV_MODES:
-        raise ValueError(f"inv_mode must be one of {INV_MODES}, got {inv_mode!r}")
-    if softmax_over not in ORIENTATIONS:
-        raise ValueError(f"softmax_over must be one of {ORIENTATIONS}, got {softmax_over!r}")
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if targets.dim() != 3:
-        raise _shape_error("targets", "(L, B_all, D)", targets)
-    num_large, num_cand, dim = targets.shape
-    if negatives.dim() != 2 or negatives.dtype != torch.long:
-        raise ValueError(
-            f"negatives must be a (B, n_e) long tensor, got {negatives.dtype} {tuple(negatives.shape)}"
-        )
-    batch = negatives.shape[0]
+    _, num_sp, anchor_index = _check_inputs(
+        online,
+        targets,
+        negatives,
+        sem_pos,
+        sem_valid,
+        sem_valid_all,
+        anchor_index,
+        tau,
+        inv_mode,
+        softmax_over,
+    )
     needs_candidates = softmax_over == "onlines" or inv_mode == "rowcol"
-    rows = num_cand if needs_candidates else batch
-    if online.dim() != 3 or online.shape[0] < num_large or online.shape[1:] != (rows, dim):
-        expected = f"(V >= L={num_large}, {'B_all' if needs_candidates else 'B'}={rows}, D={dim})"
-        raise _shape_error("online", expected, online)
-    if sem_pos.dim() != 4 or sem_pos.shape[0] != num_large or sem_pos.shape[2:] != (batch, dim):
-        raise _shape_error("sem_pos", f"(L={num_large}, N_sp, B={batch}, D={dim})", sem_pos)
-    num_sp = sem_pos.shape[1]
-    if sem_valid.shape != sem_pos.shape[:3] or sem_valid.dtype != torch.bool:
-        raise ValueError(
-            f"sem_valid must be a bool tensor of shape {tuple(sem_pos.shape[:3])}, "
-            f"got {sem_valid.dtype} {tuple(sem_valid.shape)}"
-        )
-    if sem_valid_all is not None and (
-        sem_valid_all.shape != (num_large, num_sp, num_cand) or sem_valid_all.dtype != torch.bool
-    ):
-        raise ValueError(
-            f"sem_valid_all must be a bool tensor of shape {(num_large, num_sp, num_cand)}, "
-            f"got {sem_valid_all.dtype} {tuple(sem_valid_all.shape)}"
-        )
-    if anchor_index is None:
-        if num_cand != batch:
-            raise ValueError(f"anchor_index is required when B_all={num_cand} != B={batch}")
-        anchor_index = torch.arange(batch, device=targets.device)
-    elif anchor_index.shape != (batch,) or anchor_index.dtype != torch.long:
-        raise ValueError(
-            f"anchor_index must be a ({batch},) long tensor, got {anchor_index.dtype} {tuple(anchor_index.shape)}"
-        )
 
     with torch.autocast(device_type=online.device.type, enabled=False):
         o = F.normalize(online.float(), dim=-1)
@@ -216,25 +284,16 @@ def semppl_loss(
         valid_all = None if sem_valid_all is None else sem_valid_all[None]
         sempos = _masked_anchor_mean(-log_sem[..., 0], sem_valid[None], valid_all).mean() if num_sp else zero
 
-        inv_augm, inv_sempos = zero, zero
-        if inv_mode == "swap" and num_large > 1:
-            # Axis 0 indexes the online large view i, axis 1 the target view j, so transposing them gives (j, i).
-            large_aug = log_aug[:num_large]
-            inv_augm = _offdiag_mean(_kl(large_aug, large_aug.transpose(0, 1)))
-            if num_sp:
-                large_sem = log_sem[:num_large]
-                both = sem_valid[None] & sem_valid[:, None]  # [i, j, s, n]: valid for queue j and queue i
-                both_all = None if sem_valid_all is None else sem_valid_all[None] & sem_valid_all[:, None]
-                inv_sempos = _offdiag_mean(
-                    _masked_anchor_mean(_kl(large_sem, large_sem.transpose(0, 1)), both, both_all)
-                )
-        elif inv_mode == "rowcol":
-            other = "onlines" if softmax_over == "targets" else "targets"
-            aug_t, sem_t = _logits(other, o_anchor, o_cand, t_pos, t_neg, z, tau)
-            inv_augm = _kl(log_aug, aug_t.log_softmax(dim=-1)).mean()
-            if num_sp:
-                kl_sem = _kl(log_sem, sem_t.log_softmax(dim=-1))
-                inv_sempos = _masked_anchor_mean(kl_sem, sem_valid[None], valid_all).mean()
+        inv_augm, inv_sempos = _invariance(
+            inv_mode,
+            softmax_over,
+            log_aug,
+            log_sem,
+            (o_anchor, o_cand, t_pos, t_neg, z),
+            tau,
+            sem_valid,
+            sem_valid_all,
+        )
 
         total = c * (augm + alpha * sempos) + lam * (inv_augm + inv_sempos)
     return SemPPLLossTerms(augm, sempos, inv_augm, inv_sempos, total)

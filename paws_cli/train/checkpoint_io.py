@@ -103,28 +103,30 @@ def _fallback_hint(path: Path) -> str:
     return f"No other checkpoint exists in {path.parent}: start the run again with --overwrite."
 
 
+def check_state(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise a CheckpointError listing every missing key, unexpected key and shape mismatch (if any): the one
+    state-dict check of the toolkit (resume, evaluation, fine-tuning, export, released checkpoints)."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and tuple(expected[k].shape) != tuple(given[k].shape)
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            shown = ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+            parts.append(f"{len(items)} {title}: {shown}")
+    raise CheckpointError(
+        f"weights in {source} do not fit the model ({'; '.join(parts)}); nothing was loaded. The checkpoint was "
+        "made with another architecture or settings (check model.* in its resolved_config.yaml), or is damaged."
+    )
+
+
 def load_state_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """load_state_dict that lists every missing key, unexpected key and shape mismatch in one error."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        for title, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatch", mismatched),
-        ):
-            if items:
-                shown = ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
-                parts.append(f"{len(items)} {title}: {shown}")
-        raise CheckpointError(
-            f"weights in {source} do not fit the model ({'; '.join(parts)}). The checkpoint was made with "
-            "another architecture or settings: check model.* in its resolved_config.yaml."
-        )
+    check_state(module.state_dict(), state_dict, source)
     module.load_state_dict(state_dict, strict=True)

@@ -53,7 +53,7 @@ from paws_cli.data.backends.folder import IMAGENET_MEAN, IMAGENET_STD
 from paws_cli.data.backends.sidecar import Sidecar, read_sidecar
 from paws_cli.data.needs import DataNeeds, needs_of, require_servable
 from paws_cli.data.sampling.batch import Batch, step_generator
-from paws_cli.data.sampling.samplers import SupportSampler, UnlabelledOrder
+from paws_cli.data.sampling.samplers import build_samplers
 from paws_cli.data.splits.files import make_balanced_split, read_split, resolve_names
 
 FFCV_MISSING = (
@@ -307,25 +307,14 @@ class FFCVTrainData:
         self.batch_labels = torch.full_like(self.true_labels, -1)
         self.batch_labels[self.labelled] = self.labelled_classes
         seed = settings.run.seed
-        self.order = UnlabelledOrder(
-            self.sidecar.num_images, settings.optim.batch_size, world_size=world_size, rank=rank, seed=seed
-        )
-        # A support batch (PAWS) and a labelled sub-batch (SemPPL's option) are drawn by the same sampler.
-        sup = needs.support or needs.labelled_sub_batch
-        self.supports = (
-            None
-            if sup is None
-            else SupportSampler(
-                labels[labelled],
-                classes_per_batch=sup.classes_per_batch,
-                images_per_class=sup.images_per_class,
-                batches_per_epoch=self.order.steps_per_epoch,
-                world_size=world_size,
-                rank=rank,
-                unique_classes_per_rank=sup.unique_classes_per_rank,
-                seed=seed,
-                section=sup.section,
-            )
+        self.order, self.supports = build_samplers(
+            labels,
+            labelled,
+            needs,
+            batch_size=settings.optim.batch_size,
+            world_size=world_size,
+            rank=rank,
+            seed=seed,
         )
 
         aug = settings.augment
@@ -369,6 +358,7 @@ class FFCVTrainData:
             else None
         )
         # The labelled sub-batch joins the batch: its images get the batch's views.
+        sup = needs.support or needs.labelled_sub_batch
         support_kinds = (
             unlabelled_kinds
             if needs.labelled_sub_batch is not None

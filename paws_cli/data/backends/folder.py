@@ -43,7 +43,7 @@ from paws_cli.config.schema import DataSettings, Settings
 from paws_cli.data.augment.views import ViewSpec, view_specs
 from paws_cli.data.needs import DataNeeds, needs_of, require_servable
 from paws_cli.data.sampling.batch import Batch
-from paws_cli.data.sampling.samplers import SupportSampler, UnlabelledOrder
+from paws_cli.data.sampling.samplers import SupportSampler, UnlabelledOrder, build_samplers
 from paws_cli.data.splits.files import make_balanced_split, read_split, resolve_names
 
 #: ImageNet channel statistics (in [0, 1]); the reference normalises ImageNet-layout data with them.
@@ -397,29 +397,14 @@ class FolderTrainData:
         self.name, self.num_classes, self.in_chans = "imagefolder", len(self.index.classes), 3
         labelled, self.labelled_description = folder_labelled(cfg, self.index)
         self.labelled = torch.as_tensor(labelled, dtype=torch.long)
-        self.order = UnlabelledOrder(
-            len(self.index),
-            settings.optim.batch_size,
+        self.order, self.supports = build_samplers(
+            self.index.labels,
+            labelled,
+            needs,
+            batch_size=settings.optim.batch_size,
             world_size=world_size,
             rank=rank,
             seed=settings.run.seed,
-        )
-        # A support batch (PAWS) and a labelled sub-batch (SemPPL's option) are drawn by the same sampler.
-        sup = needs.support or needs.labelled_sub_batch
-        self.supports = (
-            None
-            if sup is None
-            else SupportSampler(
-                self.index.labels[labelled],
-                classes_per_batch=sup.classes_per_batch,
-                images_per_class=sup.images_per_class,
-                batches_per_epoch=self.order.steps_per_epoch,
-                world_size=world_size,
-                rank=rank,
-                unique_classes_per_rank=sup.unique_classes_per_rank,
-                seed=settings.run.seed,
-                section=sup.section,
-            )
         )
         # Labels of the train images as the batch shows them: the label inside the labelled subset, else -1.
         self.true_labels = torch.as_tensor(self.index.labels, dtype=torch.long)

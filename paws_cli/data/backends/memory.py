@@ -21,7 +21,7 @@ from paws_cli.data.augment.views import MultiCropAugment, view_specs
 from paws_cli.data.datasets.arrays import ArrayDataset, load_array_dataset, resolve_fmnist
 from paws_cli.data.needs import DataNeeds, needs_of
 from paws_cli.data.sampling.batch import Batch, step_generator
-from paws_cli.data.sampling.samplers import SupportSampler, UnlabelledOrder
+from paws_cli.data.sampling.samplers import build_samplers
 from paws_cli.data.splits.files import make_balanced_split, read_split
 
 
@@ -112,29 +112,14 @@ class TrainData:
         train_labels = np.asarray(dataset.train_labels)
         self.labelled = torch.as_tensor(labelled, dtype=torch.long)
         self.labelled_classes = torch.as_tensor(train_labels[labelled], dtype=torch.long)
-        self.order = UnlabelledOrder(
-            len(self.images),
-            settings.optim.batch_size,
+        self.order, self.supports = build_samplers(
+            train_labels,
+            labelled,
+            needs,
+            batch_size=settings.optim.batch_size,
             world_size=world_size,
             rank=rank,
             seed=settings.run.seed,
-        )
-        # A support batch (PAWS) and a labelled sub-batch (SemPPL's option) are drawn by the same sampler.
-        sup = needs.support or needs.labelled_sub_batch
-        self.supports = (
-            None
-            if sup is None
-            else SupportSampler(
-                self.labelled_classes.numpy(),
-                classes_per_batch=sup.classes_per_batch,
-                images_per_class=sup.images_per_class,
-                batches_per_epoch=self.order.steps_per_epoch,
-                world_size=world_size,
-                rank=rank,
-                unique_classes_per_rank=sup.unique_classes_per_rank,
-                seed=settings.run.seed,
-                section=sup.section,
-            )
         )
         # Labels of the train images as the batch shows them: the label inside the labelled subset, else -1.
         self.batch_labels = torch.full((len(self.images),), -1, dtype=torch.long)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from paws_cli.data.needs import DataNeeds
+
 # Stream tags keep the seeds of unrelated draws apart even when their other integers coincide.
 _CLASS_PERM, _CLASS_SHARD, _CLASS_QUEUE, _UNLABELLED = 1, 2, 3, 4
 
@@ -444,3 +446,33 @@ class UnlabelledOrder(_EpochCursor):
         """Resume at ``state``'s (epoch, position); the world size may differ when batch_size x world_size
         stays the same; a differing setting raises a ValueError naming it."""
         self._load_cursor(state, {k: v for k, v in self.state_dict().items() if k not in _CURSOR_KEYS})
+
+
+def build_samplers(
+    labels: np.ndarray,
+    labelled: np.ndarray,
+    needs: DataNeeds,
+    *,
+    batch_size: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+) -> tuple[UnlabelledOrder, SupportSampler | None]:
+    """The unlabelled order over all ``labels`` and, when the method asks for one, the class-stratified sampler
+    over the ``labelled`` subset (PAWS's support batch or SemPPL's labelled sub-batch): every back end's."""
+    order = UnlabelledOrder(len(labels), batch_size, world_size=world_size, rank=rank, seed=seed)
+    shape = needs.support or needs.labelled_sub_batch
+    if shape is None:
+        return order, None
+    supports = SupportSampler(
+        np.asarray(labels)[labelled],
+        classes_per_batch=shape.classes_per_batch,
+        images_per_class=shape.images_per_class,
+        batches_per_epoch=order.steps_per_epoch,
+        world_size=world_size,
+        rank=rank,
+        unique_classes_per_rank=shape.unique_classes_per_rank,
+        seed=seed,
+        section=shape.section,
+    )
+    return order, supports
