@@ -93,6 +93,7 @@ def _tiny(ws: Workspace) -> list[str]:
         "supervised.images_per_class=2",
         "semppl.labelled_batch.classes_per_batch=4",  # the demo's SemPPL run on the 4-class tiny dataset
         "semppl.queue_size=64",
+        "semppl.num_negatives=6",
         "optim.batch_size=16",
         "optim.epochs=1",
         "optim.warmup_epochs=0.25",

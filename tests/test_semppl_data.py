@@ -341,6 +341,7 @@ def test_pretrain_resumed_mid_epoch_reaches_the_same_weights(
         "semppl.labelled_batch.classes_per_batch=2",
         "semppl.labelled_batch.images_per_class=2",
         "semppl.queue_size=32",
+        "semppl.num_negatives=6",
         "optim.batch_size=8",
         "optim.epochs=2",
         "optim.warmup_epochs=0.5",
