@@ -47,7 +47,7 @@ def _records(run_dir: Path) -> list[dict[str, float]]:
 
 
 def test_views_and_data_needs(semppl: list[str]) -> None:
-    settings = load_settings("semppl_fmnist_demo", semppl, environ={})
+    settings = load_settings("semppl_fmnist_demo", [*semppl, "semppl.byol_presets=true"], environ={})
     needs = needs_of(settings)
     assert needs.labels_in_batch and needs.support is None
     assert [v.size for v in needs.views] == [16] * 4 + [8] * 2
