@@ -71,6 +71,7 @@ from gpu_check_parts import (
     parse_args,
     peak_of_steps,
     skipped_row,
+    step_configs,
     step_methods,
     step_setting,
     syncbn_parity,
@@ -245,15 +246,6 @@ def ffcv_on_device(ctx: Context, beton: Path) -> list[Row]:
 
 
 # ------------------------------------------------------------------------------------------ 2. method steps
-def step_configs(quick: bool) -> list[tuple[str, bool, bool]]:
-    """(precision, channels_last, compiled) of check 2, in run order: the recipe's setting first (always run),
-    the other eager ones, then the compiled ones (each run only while the budget allows)."""
-    if quick:
-        return [("fp16", True, False)]
-    eager = [("fp16", True, False), ("bf16", True, False), ("fp32", True, False), ("fp16", False, False)]
-    return [*eager, ("fp16", True, True), ("bf16", True, True)]
-
-
 def step_recipe(method: str) -> tuple[str, list[str]]:
     """The recipe check 2 times ``method`` with: its own ImageNet ResNet-50 recipe once there is one
     (``<method>_r50_10pct``), else r50_10pct with ``method=<method>``."""

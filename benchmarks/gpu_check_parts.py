@@ -506,3 +506,12 @@ def syncbn_parity(backend: str = "nccl", device_type: str = "cuda") -> dict[str,
         "tensors": len(gs),
         "syncbn_layers": ranks[0]["syncbn"],
     }
+
+
+def step_configs(quick: bool) -> list[tuple[str, bool, bool]]:
+    """(precision, channels_last, compiled) of check 2, in run order: the recipe's setting first (always run),
+    the other eager ones, then the compiled ones (each run only while the budget allows)."""
+    if quick:
+        return [("fp16", True, False)]
+    eager = [("fp16", True, False), ("bf16", True, False), ("fp32", True, False), ("fp16", False, False)]
+    return [*eager, ("fp16", True, True), ("bf16", True, True)]

@@ -158,163 +158,181 @@ def _epochs_value(epochs: float) -> str:
     return str(int(epochs)) if float(epochs).is_integer() else repr(float(epochs))
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where a plan's inputs and outputs are, shared by its step builders."""
+
+    options: PlanOptions
+    train: Path
+    val: Path
+    dataset: Path  # what pretraining reads: the .beton or the train folder
+    needs_data: tuple[str, ...]  # the step that makes ``dataset``, if any
+    runs: Path
+    split_dirs: dict[str, Path]
+
+    @property
+    def smoke(self) -> bool:
+        return self.options.scale == "smoke"
+
+
 def build_plan(options: PlanOptions) -> Plan:
     """Every step of ``options.table`` at ``options.scale`` (see the module doc), in an order that runs."""
     cells = table_cells(options.table)
-    smoke = options.scale == "smoke"
     imagenet = options.imagenet if options.imagenet is not None else Path("<IMAGENET>")
     train, val = imagenet / "train", imagenet / "val"
-    work = options.work
-    runs = work / "runs"
-    steps: list[Step] = []
-    notes: list[str] = []
-
-    # 1. conversion (FFCV only)
-    if options.data_format == "ffcv":
-        beton = work / "data" / "train.beton"
-        steps.append(
-            Step(
-                "convert-train",
-                "convert",
-                ("convert-dataset", "imagefolder", str(train), str(beton)),
-                beton,
-                f"convert {train} into an FFCV .beton with its sidecar index (CPU)",
-                source=train,
-            )
-        )
-        dataset, needs_data = beton, ("convert-train",)
-    else:
-        dataset, needs_data = train, ()
-        notes.append(
-            "data.format=folder: pretraining decodes the JPEGs with PIL in DataLoader workers (no conversion)"
-        )
-
-    # 2. official splits, one folder per label fraction
+    steps, notes = _conversion_steps(options, train)  # 1. conversion (FFCV only)
+    dataset, needs_data = (steps[0].result, ("convert-train",)) if steps else (train, ())
     runnable = [c for c in cells if not c.unavailable]
     fractions = sorted({c.fraction for c in runnable}, key=lambda f: float(f.rstrip("%")))
-    split_dirs: dict[str, Path] = {}
-    for fraction in fractions:
-        out = work / "splits" / _fraction_dir(fraction)
-        split_dirs[fraction] = out
-        argv = ["make-splits", str(dataset), str(out), "--official", fraction, "--val"]
-        if smoke:  # the smoke folder holds a few of ImageNet's classes
-            argv.append("--dataset-classes-only")
-        steps.append(
-            Step(
-                f"splits-{_fraction_dir(fraction)}",
-                "splits",
-                tuple(argv),
-                out / "labelled.txt",
-                f"official {fraction} labelled list and the held-out val.txt, checked against {dataset.name}",
-                needs=needs_data,
-            )
-        )
-
+    split_dirs = {f: options.work / "splits" / _fraction_dir(f) for f in fractions}
+    layout = _Layout(options, train, val, dataset, needs_data, options.work / "runs", split_dirs)
+    steps += [_split_step(layout, fraction) for fraction in fractions]  # 2. official splits
     # 3-5. pretraining and evaluation, one pretraining run per (recipe, epochs)
-    planned: list[PlannedCell] = []
-    seen: set[str] = set()
-    metrics_by_run = {}
+    metrics_by_run: dict[str, set[str]] = {}
     for cell in runnable:
         metrics_by_run.setdefault(cell.run_name, set()).add(cell.metric)
+    planned: list[PlannedCell] = []
     for cell in cells:
         if cell.unavailable:  # shown in the report with its reason; nothing to run
             planned.append(PlannedCell(cell, None, None, "test_top1"))
             continue
         name = cell.run_name
-        run_dir = runs / name
-        checkpoint = run_dir / "checkpoint.pt"
-        split_dir = split_dirs[cell.fraction]
-        if name not in seen:
-            seen.add(name)
-            settings = load_settings(cell.recipe, ["data.path=<estimate>"], environ={})
-            epochs = cell.epochs * SMOKE_EPOCH_SCALE if smoke else float(cell.epochs)
-            warmup = settings.optim.warmup_epochs * (SMOKE_EPOCH_SCALE if smoke else 1.0)
-            argv = [
-                "pretrain",
-                "--recipe",
-                cell.recipe,
-                f"data.format={options.data_format}",
-                f"data.path={dataset}",
-                f"data.split={split_dir / 'labelled.txt'}",
-                f"optim.epochs={_epochs_value(epochs)}",
-                f"run.out_dir={runs}",
-                f"run.name={name}",
-                *COMMON,
-            ]
-            if smoke:
-                argv += [f"optim.warmup_epochs={_epochs_value(warmup)}", *SMOKE_PRETRAIN]
-                argv += SMOKE_METHOD.get(settings.method, ())
-            argv += [*options.overrides, *options.pretrain_overrides]
-            steps.append(
-                Step(
-                    f"pretrain-{name}",
-                    "pretrain",
-                    tuple(argv),
-                    checkpoint,
-                    f"pretrain {cell.architecture} ({cell.method}) for {cell.epochs} epochs with {cell.fraction} "
-                    f"labels (recipe {cell.recipe})",
-                    needs=(*needs_data, f"splits-{_fraction_dir(cell.fraction)}"),
-                    run_dir=run_dir,
-                    parallel=not smoke,
-                    gpu_hours=0.0 if smoke else estimate.pretrain_hours(settings, cell.epochs),
-                )
-            )
-            eval_data = [
-                "data.format=folder",
-                f"data.path={train}",
-                f"data.val_path={val}",
-                *COMMON,
-                *(SMOKE_EVAL if smoke else ()),
-            ]
-            if "paws_nn" in metrics_by_run[name]:
-                out = run_dir / "knn_eval.json"
-                steps.append(
-                    Step(
-                        f"knn-{name}",
-                        "knn",
-                        ("knn-eval", str(checkpoint), "--output", str(out), *eval_data, *options.overrides),
-                        out,
-                        f"PAWS-NN of {name} on the validation images (bank: the {cell.fraction} list)",
-                        needs=(f"pretrain-{name}",),
-                        gpu_hours=0.0 if smoke else estimate.knn_eval_hours(settings, cell.fraction),
-                    )
-                )
-            if "finetune" in metrics_by_run[name]:
-                ft_dir = runs / f"{name}_finetune"
-                argv = [
-                    "finetune",
-                    str(checkpoint),
-                    *eval_data,
-                    f"finetune.val_split={split_dir / 'val.txt'}",
-                    f"run.out_dir={runs}",
-                    f"run.name={name}_finetune",
-                ]
-                if smoke:
-                    argv += list(SMOKE_FINETUNE)
-                argv += list(options.overrides)
-                steps.append(
-                    Step(
-                        f"finetune-{name}",
-                        "finetune",
-                        tuple(argv),
-                        ft_dir / "finetune.json",
-                        f"fine-tune {name} on the {cell.fraction} list, select the epoch on val.txt, test on "
-                        "the validation images",
-                        needs=(f"pretrain-{name}", f"splits-{_fraction_dir(cell.fraction)}"),
-                        run_dir=ft_dir,
-                        parallel=not smoke,
-                        gpu_hours=0.0 if smoke else estimate.finetune_hours(settings, cell.fraction),
-                    )
-                )
+        if not any(step.id == f"pretrain-{name}" for step in steps):
+            steps += _run_steps(layout, cell, metrics_by_run[name])
         if cell.metric == "paws_nn":
-            planned.append(PlannedCell(cell, f"knn-{name}", run_dir / "knn_eval.json", "paws_nn_top1"))
+            planned.append(
+                PlannedCell(cell, f"knn-{name}", layout.runs / name / "knn_eval.json", "paws_nn_top1")
+            )
         else:
-            ft_json = runs / f"{name}_finetune" / "finetune.json"
+            ft_json = layout.runs / f"{name}_finetune" / "finetune.json"
             planned.append(PlannedCell(cell, f"finetune-{name}", ft_json, "test_top1"))
-    if smoke:
+    if layout.smoke:
         notes.append(
             f"smoke scale: a tiny generated ImageNet-layout folder, cnn_w16 at 32 px on the CPU, epochs x "
             f"{SMOKE_EPOCH_SCALE:g}, a quarter of a fine-tuning epoch; its numbers check the pipeline and say nothing about "
             "the paper's"
         )
     return Plan(options, steps, planned, notes)
+
+
+def _conversion_steps(options: PlanOptions, train: Path) -> tuple[list[Step], list[str]]:
+    """The FFCV conversion of the train folder (none for data.format=folder), and the plan's notes."""
+    if options.data_format != "ffcv":
+        return [], [
+            "data.format=folder: pretraining decodes the JPEGs with PIL in DataLoader workers (no conversion)"
+        ]
+    beton = options.work / "data" / "train.beton"
+    step = Step(
+        "convert-train",
+        "convert",
+        ("convert-dataset", "imagefolder", str(train), str(beton)),
+        beton,
+        f"convert {train} into an FFCV .beton with its sidecar index (CPU)",
+        source=train,
+    )
+    return [step], []
+
+
+def _split_step(layout: _Layout, fraction: str) -> Step:
+    """The official labelled list of ``fraction`` and the held-out val.txt."""
+    out = layout.split_dirs[fraction]
+    argv = ["make-splits", str(layout.dataset), str(out), "--official", fraction, "--val"]
+    if layout.smoke:  # the smoke folder holds a few of ImageNet's classes
+        argv.append("--dataset-classes-only")
+    return Step(
+        f"splits-{_fraction_dir(fraction)}",
+        "splits",
+        tuple(argv),
+        out / "labelled.txt",
+        f"official {fraction} labelled list and the held-out val.txt, checked against {layout.dataset.name}",
+        needs=layout.needs_data,
+    )
+
+
+def _run_steps(layout: _Layout, cell: Cell, metrics: set[str]) -> list[Step]:
+    """Pretraining of ``cell``'s run, then its PAWS-NN and/or fine-tuning, as ``metrics`` ask."""
+    options, smoke, runs = layout.options, layout.smoke, layout.runs
+    name = cell.run_name
+    run_dir = runs / name
+    checkpoint = run_dir / "checkpoint.pt"
+    split_dir = layout.split_dirs[cell.fraction]
+    settings = load_settings(cell.recipe, ["data.path=<estimate>"], environ={})
+    epochs = cell.epochs * SMOKE_EPOCH_SCALE if smoke else float(cell.epochs)
+    warmup = settings.optim.warmup_epochs * (SMOKE_EPOCH_SCALE if smoke else 1.0)
+    argv = [
+        "pretrain",
+        "--recipe",
+        cell.recipe,
+        f"data.format={options.data_format}",
+        f"data.path={layout.dataset}",
+        f"data.split={split_dir / 'labelled.txt'}",
+        f"optim.epochs={_epochs_value(epochs)}",
+        f"run.out_dir={runs}",
+        f"run.name={name}",
+        *COMMON,
+    ]
+    if smoke:
+        argv += [f"optim.warmup_epochs={_epochs_value(warmup)}", *SMOKE_PRETRAIN]
+        argv += SMOKE_METHOD.get(settings.method, ())
+    argv += [*options.overrides, *options.pretrain_overrides]
+    steps = [
+        Step(
+            f"pretrain-{name}",
+            "pretrain",
+            tuple(argv),
+            checkpoint,
+            f"pretrain {cell.architecture} ({cell.method}) for {cell.epochs} epochs with {cell.fraction} "
+            f"labels (recipe {cell.recipe})",
+            needs=(*layout.needs_data, f"splits-{_fraction_dir(cell.fraction)}"),
+            run_dir=run_dir,
+            parallel=not smoke,
+            gpu_hours=0.0 if smoke else estimate.pretrain_hours(settings, cell.epochs),
+        )
+    ]
+    eval_data = [
+        "data.format=folder",
+        f"data.path={layout.train}",
+        f"data.val_path={layout.val}",
+        *COMMON,
+        *(SMOKE_EVAL if smoke else ()),
+    ]
+    if "paws_nn" in metrics:
+        out = run_dir / "knn_eval.json"
+        steps.append(
+            Step(
+                f"knn-{name}",
+                "knn",
+                ("knn-eval", str(checkpoint), "--output", str(out), *eval_data, *options.overrides),
+                out,
+                f"PAWS-NN of {name} on the validation images (bank: the {cell.fraction} list)",
+                needs=(f"pretrain-{name}",),
+                gpu_hours=0.0 if smoke else estimate.knn_eval_hours(settings, cell.fraction),
+            )
+        )
+    if "finetune" in metrics:
+        ft_dir = runs / f"{name}_finetune"
+        argv = [
+            "finetune",
+            str(checkpoint),
+            *eval_data,
+            f"finetune.val_split={split_dir / 'val.txt'}",
+            f"run.out_dir={runs}",
+            f"run.name={name}_finetune",
+            *(SMOKE_FINETUNE if smoke else ()),
+            *options.overrides,
+        ]
+        steps.append(
+            Step(
+                f"finetune-{name}",
+                "finetune",
+                tuple(argv),
+                ft_dir / "finetune.json",
+                f"fine-tune {name} on the {cell.fraction} list, select the epoch on val.txt, test on "
+                "the validation images",
+                needs=(f"pretrain-{name}", f"splits-{_fraction_dir(cell.fraction)}"),
+                run_dir=ft_dir,
+                parallel=not smoke,
+                gpu_hours=0.0 if smoke else estimate.finetune_hours(settings, cell.fraction),
+            )
+        )
+    return steps

@@ -52,7 +52,7 @@ from paws_cli.data.augment.views import ViewSpec, apply_colour_params, sample_co
 from paws_cli.data.backends.folder import IMAGENET_MEAN, IMAGENET_STD
 from paws_cli.data.backends.sidecar import Sidecar, read_sidecar
 from paws_cli.data.needs import DataNeeds, needs_of, require_servable
-from paws_cli.data.sampling.batch import Batch, step_generator
+from paws_cli.data.sampling.batch import Batch, label_tables, step_generator
 from paws_cli.data.sampling.samplers import build_samplers
 from paws_cli.data.splits.files import make_balanced_split, read_split, resolve_names
 
@@ -303,10 +303,7 @@ class FFCVTrainData:
         self.labelled = torch.as_tensor(labelled, dtype=torch.long)
         self.labelled_classes = torch.as_tensor(labels[labelled], dtype=torch.long)
         # Labels of the train images as the batch shows them: the label inside the labelled subset, else -1.
-        self.true_labels = torch.as_tensor(labels, dtype=torch.long)
-        self.batch_labels = torch.full_like(self.true_labels, -1)
-        self.batch_labels[self.labelled] = self.labelled_classes
-        seed = settings.run.seed
+        self.true_labels, self.batch_labels = label_tables(labels, labelled)
         self.order, self.supports = build_samplers(
             labels,
             labelled,
@@ -314,10 +311,14 @@ class FFCVTrainData:
             batch_size=settings.optim.batch_size,
             world_size=world_size,
             rank=rank,
-            seed=seed,
+            seed=settings.run.seed,
         )
+        self._make_loaders(beton, numba.config.NUMBA_NUM_THREADS)
 
-        aug = settings.augment
+    def _make_loaders(self, beton: Path, numba_threads: int) -> None:
+        """The FFCV loaders of the unlabelled batch and of the support (or labelled sub-) batch."""
+        settings, needs, device, rank = self.settings, self.needs, self.device, self.rank
+        cfg, aug, seed = settings.data, settings.augment, settings.run.seed
         large, small = view_specs(aug)
 
         def colour(spec: ViewSpec) -> DeviceColour:
@@ -338,7 +339,7 @@ class FFCVTrainData:
             if small is not None and aug.num_small:
                 unlabelled_kinds.append((small, aug.num_small, colour(small)))
         # FFCV decodes in numba threads of this process; numba refuses more than it started with.
-        self.workers = max(1, min(cfg.num_workers, int(numba.config.NUMBA_NUM_THREADS)))
+        self.workers = max(1, min(cfg.num_workers, int(numba_threads)))
         common = dict(
             num_samples=self.sidecar.num_images,
             steps_per_epoch=self.order.steps_per_epoch,
@@ -354,7 +355,7 @@ class FFCVTrainData:
                 seed=_ffcv_seed(seed, rank, UNLABELLED),
                 **common,
             )
-            if need_unlabelled
+            if needs.unlabelled_views
             else None
         )
         # The labelled sub-batch joins the batch: its images get the batch's views.

@@ -42,7 +42,7 @@ from torchvision.transforms import functional as TF
 from paws_cli.config.schema import DataSettings, Settings
 from paws_cli.data.augment.views import ViewSpec, view_specs
 from paws_cli.data.needs import DataNeeds, needs_of, require_servable
-from paws_cli.data.sampling.batch import Batch
+from paws_cli.data.sampling.batch import Batch, label_tables
 from paws_cli.data.sampling.samplers import SupportSampler, UnlabelledOrder, build_samplers
 from paws_cli.data.splits.files import make_balanced_split, read_split, resolve_names
 
@@ -407,9 +407,7 @@ class FolderTrainData:
             seed=settings.run.seed,
         )
         # Labels of the train images as the batch shows them: the label inside the labelled subset, else -1.
-        self.true_labels = torch.as_tensor(self.index.labels, dtype=torch.long)
-        self.batch_labels = torch.full_like(self.true_labels, -1)
-        self.batch_labels[self.labelled] = self.true_labels[self.labelled]
+        self.true_labels, self.batch_labels = label_tables(self.index.labels, labelled)
         aug = settings.augment
         large, small = view_specs(aug)
         if needs.views is not None:

@@ -20,7 +20,7 @@ from paws_cli.config.schema import DataSettings, Settings
 from paws_cli.data.augment.views import MultiCropAugment, view_specs
 from paws_cli.data.datasets.arrays import ArrayDataset, load_array_dataset, resolve_fmnist
 from paws_cli.data.needs import DataNeeds, needs_of
-from paws_cli.data.sampling.batch import Batch, step_generator
+from paws_cli.data.sampling.batch import Batch, label_tables, step_generator
 from paws_cli.data.sampling.samplers import build_samplers
 from paws_cli.data.splits.files import make_balanced_split, read_split
 
@@ -122,9 +122,7 @@ class TrainData:
             seed=settings.run.seed,
         )
         # Labels of the train images as the batch shows them: the label inside the labelled subset, else -1.
-        self.batch_labels = torch.full((len(self.images),), -1, dtype=torch.long)
-        self.batch_labels[self.labelled] = self.labelled_classes
-        self.train_labels = torch.as_tensor(train_labels, dtype=torch.long)
+        self.train_labels, self.batch_labels = label_tables(train_labels, labelled)
         self.large, self.small = view_specs(settings.augment)
         self.augment = MultiCropAugment(
             large=self.large,

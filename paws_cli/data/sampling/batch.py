@@ -40,3 +40,13 @@ class Batch:
     labels: Tensor | None = None
     ids: Tensor | None = None
     true_labels: Tensor | None = None
+
+
+def label_tables(labels: object, labelled: object) -> tuple[Tensor, Tensor]:
+    """(true labels, labels as a batch shows them) of every train image: the batch shows an image's label
+    inside the labelled subset ``labelled`` (indices) and -1 outside it (``Batch.labels``)."""
+    true = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    shown = torch.full_like(true, -1)
+    index = torch.as_tensor(np.asarray(labelled), dtype=torch.long)
+    shown[index] = true[index]
+    return true, shown
