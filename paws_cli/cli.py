@@ -149,13 +149,24 @@ def knn_eval(
     overrides: OverridesArg = None,
     recipe: RecipeOption = None,
     output: Annotated[
-        Path | None, typer.Option(help="Results JSON (default: knn_eval.json beside the checkpoint).")
+        Path | None,
+        typer.Option(
+            help="Results JSON (default: knn_eval.json, or knn_eval_val.json for --on val, beside the checkpoint)."
+        ),
     ] = None,
+    on: Annotated[
+        str,
+        typer.Option(
+            help="Queries: test (the test split) or val (eval.val_images train images outside the labelled "
+            "subset, for choosing settings without the test set)."
+        ),
+    ] = "test",
 ) -> None:
-    """PAWS-NN (soft nearest neighbour) and k-NN top-1/top-5 on the test set, banked on the run's labelled subset."""
+    """PAWS-NN (soft nearest neighbour) and k-NN top-1/top-5 on the test set (or the validation split), banked on the
+    run's labelled subset."""
     from paws_cli.eval.knn_eval import knn_eval_command
 
-    knn_eval_command(checkpoint, recipe, overrides or [], output=output, console=console)
+    knn_eval_command(checkpoint, recipe, overrides or [], output=output, console=console, on=on)
 
 
 @app.command()

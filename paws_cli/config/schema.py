@@ -313,6 +313,13 @@ class EvalSettings(Section):
     knn_k: int = Field(20, ge=1, description="k of the classic k-NN classifier.")
     knn_temperature: float = Field(0.07, gt=0, description="Temperature of the k-NN vote weights.")
     batch_size: int = Field(512, ge=1, description="Images per embedding batch.")
+    val_images: int = Field(
+        10000,
+        ge=1,
+        description="Validation split (`knn-eval --on val`, `paws sweep`): this many train images outside the "
+        "labelled subset, val_images // classes per class (their labels are never used by training).",
+    )
+    val_seed: int = Field(0, description="Seed of the validation split's draw.")
 
 
 class Settings(Section):

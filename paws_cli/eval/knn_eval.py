@@ -2,7 +2,9 @@
 
 The bank is the labelled subset the run trained with (stored in the checkpoint; for a released suncet checkpoint,
 the subset the given data settings describe), embedded with the evaluation transform, one view, eval mode;
-queries are the dataset's test split. Checkpoints are read by `paws_cli.pretrained.load_pretrained`.
+queries are the dataset's test split, or with ``on="val"`` the validation split carved from the train images
+outside the labelled subset (:mod:`paws_cli.eval.validation`; for selecting settings without the test set).
+Checkpoints are read by `paws_cli.pretrained.load_pretrained`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from paws_cli.data.backends.eval_data import EvalData, build_eval_data
 from paws_cli.data.backends.memory import as_nchw
 from paws_cli.data.datasets.arrays import ArrayDataset
 from paws_cli.eval.neighbours import embed_batches, knn_predict, soft_nn_predict, topk_accuracy
+from paws_cli.eval.validation import check_labels_hidden, validation_view
 from paws_cli.io_utils import atomic_write_text
 from paws_cli.methods import Method, create_method
 from paws_cli.models import PAWSEncoder
@@ -53,6 +56,7 @@ class KnnResult:
     classifier_top5: float | None = None
     unreadable_images: int = 0  # left out of the bank or the queries (data.bad_images=skip)
     queries_from: str = "test split"  # which images were classified ("test split", "val folder ...")
+    on: str = "test"  # "test": the test split (or val folder); "val": the train images' validation split
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,8 +76,11 @@ def _normalised(images: np.ndarray, dataset: ArrayDataset) -> Tensor:
     return eval_transform(as_nchw(images), dataset.mean, dataset.std)
 
 
-def evaluate_checkpoint(state: dict[str, Any], settings: Settings, source: str) -> KnnResult:
-    """Evaluate a toolkit checkpoint's state (as read by ``load_checkpoint``) with its own labelled bank."""
+def evaluate_checkpoint(
+    state: dict[str, Any], settings: Settings, source: str, *, on: str = "test"
+) -> KnnResult:
+    """Evaluate a toolkit checkpoint's state (as read by ``load_checkpoint``) with its own labelled bank, on the
+    test split (``on="test"``) or the validation split (``on="val"``)."""
     dataset = build_eval_data(settings)
     labelled = state["labelled"].numpy()
     if labelled.max() >= len(dataset.train_labels):
@@ -84,10 +91,10 @@ def evaluate_checkpoint(state: dict[str, Any], settings: Settings, source: str) 
     model, method = rebuild_model(state, settings, dataset, source)
     bank = f"the run's labelled subset: {state.get('labelled_source', f'{len(labelled)} train images')}"
     embedder = (method.embedding_encoder(model), method.default_embedding)
-    return _evaluate(model, embedder, settings, dataset, labelled, bank, source)
+    return _evaluate(model, embedder, settings, dataset, labelled, bank, source, on)
 
 
-def evaluate_pretrained(weights: PretrainedWeights, settings: Settings) -> KnnResult:
+def evaluate_pretrained(weights: PretrainedWeights, settings: Settings, *, on: str = "test") -> KnnResult:
     """Evaluate any checkpoint read by ``load_pretrained``.
 
     A toolkit checkpoint is banked on its own labelled subset; a released suncet checkpoint (no subset stored)
@@ -100,7 +107,7 @@ def evaluate_pretrained(weights: PretrainedWeights, settings: Settings) -> KnnRe
             "labelled": weights.meta["labelled"],
             "labelled_source": weights.meta.get("labelled_source") or "stored in the checkpoint",
         }
-        return evaluate_checkpoint(state, settings, source)
+        return evaluate_checkpoint(state, settings, source, on=on)
     dataset = build_eval_data(settings)
     if dataset.in_chans != weights.architecture.in_chans:
         raise ValueError(
@@ -117,6 +124,7 @@ def evaluate_pretrained(weights: PretrainedWeights, settings: Settings) -> KnnRe
         labelled,
         f"labelled subset from the settings: {description}",
         source,
+        on,
     )
 
 
@@ -143,7 +151,13 @@ def _evaluate(
     labelled: np.ndarray,
     bank_description: str,
     source: str,
+    on: str = "test",
 ) -> KnnResult:
+    if on == "val":
+        check_labels_hidden(settings)
+        dataset = validation_view(dataset, labelled, settings.eval)
+    elif on != "test":
+        raise ValueError(f"evaluate on 'test' or 'val', not {on!r}")
     # The method says which encoder and which of its outputs evaluation embeds with (eval.embedding=auto).
     encoder, default = embedder
     which = settings.eval.embedding if settings.eval.embedding != "auto" else default
@@ -177,6 +191,7 @@ def _evaluate(
         bank_size=len(bank_labels),
         queries=len(targets),
         queries_from=dataset.queries_name,
+        on=on,
         embedding=which,
         embedding_dim=int(bank.shape[1]),
         paws_nn_top1=soft[1],
@@ -203,14 +218,15 @@ def raw_pixel_soft_nn(dataset: ArrayDataset, labelled: np.ndarray, tau: float = 
     return topk_accuracy(soft_nn_predict(queries, bank, bank_labels, dataset.num_classes, tau=tau), targets)
 
 
-def results_path(checkpoint: Path) -> Path:
-    """Default results file: knn_eval.json beside the checkpoint."""
-    return checkpoint.parent / "knn_eval.json"
+def results_path(checkpoint: Path, on: str = "test") -> Path:
+    """Default results file beside the checkpoint: knn_eval.json (test split), knn_eval_val.json (validation)."""
+    return checkpoint.parent / ("knn_eval_val.json" if on == "val" else "knn_eval.json")
 
 
 def knn_table(result: KnnResult) -> Table:
     """PAWS-NN, k-NN (and the supervised baseline's classifier) top-1/top-5 as a rich table."""
-    table = Table(title=f"knn-eval of {result.checkpoint}")
+    on = " on the validation split" if result.on == "val" else ""
+    table = Table(title=f"knn-eval of {result.checkpoint}{on}")
     for col in ("classifier", "top-1 %", "top-5 %"):
         table.add_column(col, justify="right" if col != "classifier" else "left")
     table.add_row(
@@ -238,24 +254,28 @@ def knn_eval_command(
     output: Path | None,
     console: Console,
     environ: Mapping[str, str] | None = None,
+    on: str = "test",
 ) -> KnnResult:
     """`paws knn-eval CHECKPOINT [--recipe R] [key=value ...]` for toolkit and released suncet checkpoints.
 
     Settings: the checkpoint's < recipe < environment < overrides (architecture from the checkpoint). A released
-    checkpoint carries no settings: the data must come from --recipe or data.* overrides.
+    checkpoint carries no settings: the data must come from --recipe or data.* overrides. ``on="val"`` classifies
+    the validation split (eval.val_images train images outside the labelled subset) instead of the test split.
     """
+    if on not in ("test", "val"):
+        raise ValueError(f"--on must be test or val, got {on!r}")
     weights = load_pretrained(checkpoint)
     settings, notes = resolve_settings(weights, recipe, overrides, environ=environ)
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
-    result = evaluate_pretrained(weights, settings)
+    result = evaluate_pretrained(weights, settings, on=on)
     console.print(
         f"dataset {result.dataset}; bank: {result.bank}; queries: {result.queries} images of the "
         f"{result.queries_from}; "
         f"embedding: {result.embedding} ({result.embedding_dim}-d)"
     )
     console.print(knn_table(result))
-    out = output or results_path(checkpoint)
+    out = output or results_path(checkpoint, on)
     atomic_write_text(out, json.dumps(result.as_dict(), indent=2) + "\n")
     console.print(f"results: {out}")
     return result
