@@ -239,6 +239,11 @@ class RunSettings(Section):
         "(used to give baselines the same budget as PAWS). Not deterministic.",
     )
     progress: bool = Field(True, description="Show the rich progress bar.")
+    tensorboard: bool = Field(
+        False,
+        description="Also write TensorBoard event files beside metrics.jsonl (the same values at the same steps; "
+        "`tensorboard --logdir runs`). Needs the tensorboard extra: pip install 'paws-cli[tensorboard]'.",
+    )
     launcher: Literal["local", "slurm"] = Field(
         "local",
         description="'local': this process (or torchrun's processes); 'slurm': submit through submitit (slurm.*).",

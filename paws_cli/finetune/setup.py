@@ -35,6 +35,7 @@ from paws_cli.train.rundir import (
     write_resolved_config,
 )
 from paws_cli.train.step import autocast_for, make_grad_scaler
+from paws_cli.train.tensorboard_log import check_tensorboard, open_metric_logs
 
 #: Settings that may differ on resume; stricter than pretraining's (``train.run_state``): a fine-tuning run's
 #: ``finetune.*`` settings are what it trains, and ``slurm.*`` does not apply to it.
@@ -161,6 +162,7 @@ def set_up(
         raise ValueError(
             "run.time_budget_s applies to pretraining; fine-tuning runs finetune.epochs (unset it)"
         )
+    check_tensorboard(settings.run.tensorboard)  # before any work: a missing extra fails at once
     if settings.run.num_threads:
         torch.set_num_threads(settings.run.num_threads)
     ctx = init_distributed(settings.run)
@@ -301,8 +303,9 @@ def _start_logs(run: FinetuneRun, *, resumed: bool) -> None:
     write_split(run.run_dir / "heldout.txt", splits.heldout.tolist(), {"dataset": name, "role": "selection"})
     for line in _banner(run):
         run.console.print(line)
-    run.step_log = JsonlWriter(run.run_dir / "metrics.jsonl")
-    run.epoch_log = JsonlWriter(run.run_dir / "epochs.jsonl")
+    run.step_log, run.epoch_log = open_metric_logs(
+        run.run_dir, tensorboard=run.settings.run.tensorboard, resumed_at=run.step if resumed else None
+    )
 
 
 def _banner(run: FinetuneRun) -> list[str]:

@@ -34,6 +34,7 @@ from paws_cli.train.rundir import (
     write_resolved_config,
 )
 from paws_cli.train.step import make_grad_scaler
+from paws_cli.train.tensorboard_log import check_tensorboard, open_metric_logs
 
 
 @dataclass
@@ -168,6 +169,7 @@ class Run:
 
 def set_up(settings: Settings, *, resume: bool, overwrite: bool, console: Console, name: str) -> Run:
     """Everything before the first step, in this order (the order fixes the initial weights)."""
+    check_tensorboard(settings.run.tensorboard)  # before any work: a missing extra fails at once
     ctx = init_distributed(settings.run)
     if settings.run.num_threads:
         torch.set_num_threads(settings.run.num_threads)
@@ -291,5 +293,6 @@ def _start_logs(run: Run, *, resumed: bool) -> None:
     warning = world_size_warning(settings, run.ctx.world_size)
     if warning:
         console.print(warning, style="yellow", markup=False, highlight=False)
-    run.step_log = JsonlWriter(run.run_dir / "metrics.jsonl")
-    run.epoch_log = JsonlWriter(run.run_dir / "epochs.jsonl")
+    run.step_log, run.epoch_log = open_metric_logs(
+        run.run_dir, tensorboard=run.settings.run.tensorboard, resumed_at=run.step if resumed else None
+    )
