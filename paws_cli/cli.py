@@ -509,6 +509,69 @@ def settings_cmd(overrides: OverridesArg = None, recipe: RecipeOption = None) ->
 
 @app.command()
 @user_errors
+def sweep(
+    axes: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="KEY=V1,V2,...",
+            help="Settings to sweep and their values (commas inside [...] stay in one value: "
+            "augment.large_scale=[0.3,1.0],[0.5,1.0]); a key with one value is fixed for every trial.",
+        ),
+    ],
+    recipe: RecipeOption = None,
+    budget_s: Annotated[
+        float | None,
+        typer.Option("--budget-s", help="Wall-clock budget of each trial in seconds (run.time_budget_s)."),
+    ] = None,
+    trials: Annotated[
+        int | None,
+        typer.Option(help="Run N trials proposed by optuna's TPE sampler (seeded) instead of the full grid."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Sweep directory under run.out_dir (default sweep_<recipe>).")
+    ] = None,
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="Validation top-1 that selects: auto (classifier for method=supervised, else PAWS-NN), "
+            "paws_nn, knn or classifier."
+        ),
+    ] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the TPE sampler (--trials).")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Delete the sweep directory's records and trial runs and start again.")
+    ] = False,
+) -> None:
+    """Train one run per trial, select on a validation split carved from the train images (never the test set),
+    then test the selected trial once; re-running the same command resumes."""
+    from paws_cli.sweep.runner import run_sweep
+
+    run_sweep(
+        recipe,
+        axes,
+        console=console,
+        name=name,
+        budget_s=budget_s,
+        trials=trials,
+        metric=metric,
+        seed=seed,
+        overwrite=overwrite,
+    )
+
+
+DEMO_HELP = (
+    "Does PAWS beat training on your labels alone? A table that answers it, on any dataset.\n\n"
+    "Pretrains PAWS (and SemPPL, when a recipe semppl_<recipe> exists) with one wall-clock budget, then compares "
+    "their nearest-neighbour and fine-tuned accuracy with a supervised-only baseline (same labels, same budget) "
+    "and with raw pixels.\n\n"
+    "Fashion-MNIST by default; your own data with data.path=DIR, a folder made by `paws convert-dataset images "
+    "SRC DIR` (one sub-folder of images per class) or `paws convert-dataset arrays FILE.npz DIR`. The views are "
+    "sized from the images; a dataset with fewer classes than the recipe's labelled classes per step is fitted."
+)
+
+
+@app.command()
+@user_errors
 def demo(
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Demo recipe.")] = "fmnist_demo",
     overrides: OverridesArg = None,

@@ -20,6 +20,7 @@ from paws_cli.data.backends.eval_data import EvalData, build_eval_data
 from paws_cli.data.splits.files import write_split
 from paws_cli.finetune.data import FinetuneBatches, FinetuneData, FinetuneSplits, make_finetune_splits
 from paws_cli.finetune.model import FinetuneModel, build_finetune_model
+from paws_cli.finetune.progress import finetune_epoch_text
 from paws_cli.optim import StepSchedule, split_decay_params
 from paws_cli.pretrained import FINETUNE_KIND, PretrainedWeights
 from paws_cli.train.checkpoint_io import CheckpointError, load_checkpoint, load_state_strict
@@ -193,6 +194,8 @@ def set_up(
         total=run.last_stop,
         start=run.step,
         enabled=run.is_main and settings.run.progress and not run.complete,
+        label="finetune",
+        epoch_text=finetune_epoch_text(settings.finetune.epochs),
     )
     if not run.complete:
         _start_logs(run, resumed=resume)

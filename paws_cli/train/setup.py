@@ -197,6 +197,7 @@ def set_up(settings: Settings, *, resume: bool, overwrite: bool, console: Consol
         total=None if run.unbounded else min(run.total_steps, run.last_stop),
         start=run.step,
         enabled=run.is_main and settings.run.progress and not run.complete,
+        budget_left_s=None if run.clock.budget_s is None else run.clock.budget_s - run.clock.elapsed(),
     )
     if not run.complete:
         _start_logs(run, resumed=resume)
