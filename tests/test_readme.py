@@ -181,6 +181,12 @@ def run_on_tiny_data(ws: Workspace, words: list[str]) -> str:
     return _paws(ws, _keep_readme_keys(words, _tiny(ws)))
 
 
+def sweep_on_tiny_data(ws: Workspace, words: list[str]) -> str:
+    """`paws sweep`: the README's axes kept, tiny sizes appended as fixed keys, and a validation split that the
+    tiny dataset holds (20 of each class's 60 images outside the labelled subset)."""
+    return _paws(ws, _keep_readme_keys(words, [*_tiny(ws), "eval.val_images=80"]))
+
+
 def convert_fashion_mnist(ws: Workspace, words: list[str]) -> str:
     try:
         find_fashion_mnist(None)
@@ -294,6 +300,7 @@ RULES: list[tuple[str, Callable[[Workspace, list[str]], str]]] = [
     (r"run\.device=cuda|^torchrun |run\.launcher=slurm", resolve_settings_only),
     (rf"{IMAGENET_PLACEHOLDER}|imagenet_train\.beton|runs/r50_10pct/", run_on_tiny_imagenet),
     (r"^paws (pretrain|demo|knn-eval|finetune) ", run_on_tiny_data),
+    (r"^paws sweep ", sweep_on_tiny_data),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from paws_cli.cli import app
 from paws_cli.config import ConfigError, load_settings
 from paws_cli.data.backends.eval_data import MemoryEvalData
 from paws_cli.sweep.grid import Axis, grid_trials, parse_axes, split_values
+from paws_cli.sweep.sampler import propose
 from paws_cli.sweep.state import SweepDir
 from paws_cli.sweep.table import sorted_records
 from paws_cli.train.loop import train
@@ -191,3 +193,55 @@ def test_supervised_selects_on_its_classifier_and_sampler_path(
     assert code == 0, out
     again = sweep.records()
     assert again[:2] == records and {r["swept"]["optim.lr"] for r in again} == {"0.1", "0.5", "1.0"}
+
+
+def test_proposals_are_a_function_of_the_finished_trials() -> None:
+    axes = parse_axes(["optim.lr=0.1,0.2,0.4,0.8", "paws.tau=0.1,0.2"])
+    history = [({"optim.lr": "0.2", "paws.tau": "0.1"}, 60.0), ({"optim.lr": "0.8", "paws.tau": "0.2"}, None)]
+    first = propose(axes, history, seed=3, startup=1)
+    assert propose(axes, history, seed=3, startup=1) == first  # a resumed sweep proposes the same trial
+    assert first in grid_trials(axes)
+
+
+def test_missing_optuna_is_named(monkeypatch: pytest.MonkeyPatch, fixed: list[str], tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
+    code, out = _run(
+        "sweep", "--recipe", "fmnist_demo", "--name", "o", "--trials", "2", "optim.lr=1,2", *fixed
+    )
+    assert code == 2 and "pip install 'paws-cli[sweep]'" in out
+    assert not list((tmp_path / "runs" / "o").glob("*/checkpoint.pt"))  # nothing trained
+
+
+@pytest.mark.slow
+def test_a_diverged_trial_is_recorded_and_overwrite_starts_again(
+    fixed: list[str], tmp_path: Path, test_reads: list[int]
+) -> None:
+    args = [
+        "sweep",
+        "--recipe",
+        "fmnist_demo",
+        "--name",
+        "d",
+        "optim.start_lr=0.1,1e30",  # the tiny runs warm up from start_lr for 8 steps
+    ]
+    code, out = _run(*args, *fixed)
+    assert code == 0, out
+    sweep = SweepDir(tmp_path / "runs" / "d")
+    ok, failed = sweep.records()
+    assert ok["status"] == "ok" and failed["status"] == "failed" and failed["val_top1"] is None
+    assert "non-finite loss" in failed["error"]
+    selected = sweep.selected()
+    assert selected is not None and selected["trial"] == ok["trial"] and len(test_reads) == 1
+    assert "failed: non-finite loss" in (sweep.path / "sweep.md").read_text()
+    # --overwrite deletes the records and the trial runs, then runs every trial again
+    # Another fixed value makes other trials; only they are compared (the earlier records stay in sweep.jsonl)
+    code, out = _run(*args, "optim.weight_decay=0", *fixed)
+    assert code == 0 and len(sweep.records()) == 4 and len(test_reads) == 2, out
+    assert ok["trial"] not in (sweep.path / "sweep.md").read_text()
+    # --overwrite deletes the records and the trial runs, then runs every trial again
+    code, out = _run(*args, "optim.weight_decay=0", *fixed, "--overwrite")
+    assert code == 0 and "--overwrite: removed" in out, out
+    assert not Path(ok["run_dir"]).exists() and not Path(failed["run_dir"]).exists()
+    again = sweep.records()
+    assert len(again) == 2 and all("optim.weight_decay=0" in r["overrides"] for r in again)
+    assert (Path(again[0]["run_dir"]) / "checkpoint.pt").is_file() and len(test_reads) == 3
