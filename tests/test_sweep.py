@@ -245,3 +245,19 @@ def test_a_diverged_trial_is_recorded_and_overwrite_starts_again(
     again = sweep.records()
     assert len(again) == 2 and all("optim.weight_decay=0" in r["overrides"] for r in again)
     assert (Path(again[0]["run_dir"]) / "checkpoint.pt").is_file() and len(test_reads) == 3
+
+
+def test_settings_a_sweep_cannot_honour_are_refused_before_training(fixed: list[str], tmp_path: Path) -> None:
+    cases = {
+        ("run.launcher=slurm",): "run.launcher=slurm is not supported",
+        ("--metric", "classifier"): "--metric classifier scores the supervised baseline",
+        ("--metric", "top5"): "--metric must be one of",
+        ("--budget-s", "10", "run.time_budget_s=5"): "--budget-s or run.time_budget_s",
+        ("method=semppl", "semppl.pseudo_labels=oracle"): "pseudo_labels=oracle",
+    }
+    for extra, message in cases.items():
+        code, out = _run("sweep", "--recipe", "fmnist_demo", "--name", "r", "optim.lr=1,2", *fixed, *extra)
+        assert code == 2 and message in out, (extra, out)
+    assert not (tmp_path / "runs" / "r").exists()
+    code, out = _run("knn-eval", str(tmp_path / "x.pt"), "--on", "train")
+    assert code == 2 and "--on must be test or val" in out

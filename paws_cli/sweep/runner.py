@@ -112,6 +112,11 @@ def _prepare(
         extra = [f"run.out_dir={sweep_dir.path}", f"run.name={tid}"]
         settings[tid] = s = load_settings(recipe, [*trial.overrides, *extra])
         check_labels_hidden(s)
+        if s.run.launcher != "local":
+            raise ValueError(
+                f"paws sweep trains its trials one after another in this process; run.launcher={s.run.launcher} "
+                "is not supported (run the sweep itself inside the job, with run.launcher=local)"
+            )
         if metric == "classifier" and s.method != "supervised":
             raise ValueError(
                 f"--metric classifier scores the supervised baseline's classifier; {tid} is {s.method}"
