@@ -583,6 +583,22 @@ def demo(
     run_demo(recipe, overrides or [], console)
 
 
+@app.command("report")
+@user_errors
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (one, or several to overlay).")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Report folder (default: RUN/report for one run, ./paws_report for several)."),
+    ] = None,
+) -> None:
+    """One HTML page with the runs' curves (loss terms, lr, speed, health signals), evaluation results and
+    the settings that differ; works on finished, running and killed runs."""
+    from paws_cli.report.command import report_command
+
+    report_command(runs, out, console)
+
+
 def main() -> None:
     app(prog_name="paws")
 

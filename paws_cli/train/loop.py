@@ -135,6 +135,7 @@ def _log_step(run: Run, epoch: int, lr: float, logs: dict[str, Any]) -> None:
     if run.data.skipped_images:  # unreadable images replaced so far (this process's count)
         values["skipped_images"] = run.data.skipped_images
     record = {"step": run.step, "epoch": epoch, "lr": lr, **values, "images_per_s": round(run.speed(), 1)}
+    record["data_wait_share"] = round(run.data_seconds / max(run.train_seconds, 1e-9), 4)  # this session's
     if run.guard.skipped:
         record["skipped_nonfinite"] = run.guard.skipped
     if run.step_log:
