@@ -108,6 +108,16 @@ def pretrain(
     print_config: Annotated[bool, typer.Option(help="Print the resolved settings as YAML and exit.")] = False,
 ) -> None:
     """Pretrain with the configured method (PAWS, or method=supervised for the labelled-only baseline)."""
+    if recipe is None and not print_config:
+        # The bare defaults are no run anyone planned (sizes for ImageNet, data for Fashion-MNIST): ask for one.
+        from paws_cli.reproduce.recipe_table import listed_recipes
+
+        raise ConfigError(
+            "paws pretrain needs a recipe: pass --recipe NAME (one of "
+            f"{', '.join(listed_recipes())}; `paws recipes ls` describes them) or --recipe FILE.yaml, plus "
+            "key=value overrides; e.g. `paws pretrain --recipe fmnist_demo` pretrains on Fashion-MNIST on a CPU "
+            "in minutes"
+        )
     settings = _settings(recipe, overrides)
     if print_config:
         console.print(settings_to_yaml(settings), end="", highlight=False, markup=False)
@@ -197,11 +207,14 @@ def export(
         str, typer.Option("--format", help="safetensors or timm (a torch state_dict file).")
     ] = "safetensors",
     with_projection: Annotated[bool, typer.Option(help="Also export the first projection layer.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Export the backbone with timm key names, loadable by timm.create_model(..., checkpoint_path=OUT)."""
     from paws_cli.export import export_command
 
-    export_command(checkpoint, out, fmt=fmt, with_projection=with_projection, console=console)
+    export_command(
+        checkpoint, out, fmt=fmt, with_projection=with_projection, console=console, overwrite=overwrite
+    )
 
 
 convert_app = typer.Typer(

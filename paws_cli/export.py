@@ -53,7 +53,12 @@ def projection_layer_state(weights: PretrainedWeights) -> dict[str, Tensor]:
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def _check_out(out: Path, fmt: str) -> None:
+def projection_path(out: Path) -> Path:
+    """Where a safetensors export puts the projection layer: ``<OUT stem>.projection.safetensors``."""
+    return out.with_name(f"{out.stem}.projection.safetensors")
+
+
+def _check_out(out: Path, fmt: str, *, with_projection: bool = False, overwrite: bool = False) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "safetensors" and out.suffix != ".safetensors":
@@ -66,11 +71,25 @@ def _check_out(out: Path, fmt: str) -> None:
         )
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the folder of '{out}' does not exist; create it first")
+    if out.is_dir():
+        raise ValueError(
+            f"'{out}' is a folder; give the output file's name, e.g. {out / 'backbone.safetensors'}"
+        )
+    targets = [out, projection_path(out)] if with_projection and fmt == "safetensors" else [out]
+    existing = [str(path) for path in targets if path.exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{' and '.join(repr(p) for p in existing)} already exist{'s' if len(existing) == 1 else ''}; "
+            "pass --overwrite to replace, or choose another output file"
+        )
 
 
-def export_weights(weights: PretrainedWeights, out: Path, *, fmt: str, with_projection: bool) -> list[Path]:
-    """Write the export; return the files written."""
-    _check_out(out, fmt)
+def export_weights(
+    weights: PretrainedWeights, out: Path, *, fmt: str, with_projection: bool, overwrite: bool = False
+) -> list[Path]:
+    """Write the export (each file atomically); return the files written. An existing file is replaced only
+    with ``overwrite``."""
+    _check_out(out, fmt, with_projection=with_projection, overwrite=overwrite)
     name, backbone = timm_backbone_state(weights)
     projection = projection_layer_state(weights) if with_projection else None
     info = {
@@ -91,7 +110,7 @@ def export_weights(weights: PretrainedWeights, out: Path, *, fmt: str, with_proj
     with atomic_path(out) as tmp:
         save_file(backbone, str(tmp), metadata=metadata)
     if projection is not None:
-        head = out.with_name(f"{out.stem}.projection.safetensors")
+        head = projection_path(out)
         with atomic_path(head) as tmp:
             save_file(projection, str(tmp), metadata={**metadata, "part": "projection.first"})
         written.append(head)
@@ -99,24 +118,32 @@ def export_weights(weights: PretrainedWeights, out: Path, *, fmt: str, with_proj
 
 
 def export_command(
-    checkpoint: Path, out: Path, *, fmt: str, with_projection: bool, console: Console
+    checkpoint: Path,
+    out: Path,
+    *,
+    fmt: str,
+    with_projection: bool,
+    console: Console,
+    overwrite: bool = False,
 ) -> list[Path]:
     """`paws export`: load any supported checkpoint, write the backbone export, print how to load it."""
-    _check_out(out, fmt)  # before reading a possibly large checkpoint
+    # before reading a possibly large checkpoint
+    _check_out(out, fmt, with_projection=with_projection, overwrite=overwrite)
     weights = load_pretrained(checkpoint)
-    written = export_weights(weights, out, fmt=fmt, with_projection=with_projection)
+    written = export_weights(weights, out, fmt=fmt, with_projection=with_projection, overwrite=overwrite)
     arch = weights.architecture
     params = sum(v.numel() for v in weights.part("backbone.").values() if v.is_floating_point())
     console.print(f"exported the {arch.backbone} backbone ({params / 1e6:.2f}M values) of {checkpoint}:")
     for path in written:
         console.print(f"  {path}", highlight=False)
-    call = (
-        f"timm.create_model({arch.backbone!r}, num_classes=0, in_chans={arch.in_chans}, "
-        f"checkpoint_path={json.dumps(str(out))})"
-    )
-    console.print(f"load it with: {call}", highlight=False)
-    if arch.backbone in paws_cli.models.PAWS_BACKBONES:
-        console.print(
-            f"  ('{arch.backbone}' is registered with timm by `import paws_cli.models`: import it first)"
-        )
+    registered = arch.backbone in paws_cli.models.PAWS_BACKBONES
+    console.print("load it with:", highlight=False)
+    lines = [
+        "import timm",
+        *([f"import paws_cli.models  # registers {arch.backbone} with timm"] if registered else []),
+        f"model = timm.create_model({json.dumps(arch.backbone)}, num_classes=0, in_chans={arch.in_chans}, "
+        f"checkpoint_path={json.dumps(str(out))})",
+    ]
+    for line in lines:
+        console.print(f"  {line}", highlight=False, markup=False)
     return written
