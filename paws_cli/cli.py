@@ -5,7 +5,6 @@ Every user error (settings, data, checkpoints, run directories) prints one clear
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -22,10 +21,8 @@ from paws_cli.config import (
     Settings,
     find_recipe,
     load_settings,
-    setting_paths,
     settings_to_yaml,
 )
-from paws_cli.config.trees import lookup
 
 app = typer.Typer(
     name="paws",
@@ -395,19 +392,10 @@ def make_splits(
 @user_errors
 def recipes_ls() -> None:
     """Table of the named recipes with their global sizes (recipes give per-process sizes for `world size`)."""
-    from paws_cli.reproduce.recipe_table import listed_recipes, recipe_row
+    from paws_cli.cli_views import recipes_view
 
-    table = Table(title="recipes: global batch and support (classes x images) at the recipe's world size")
-    for col in ("name", "model", "labels", "world", "batch", "support", "epochs"):
-        table.add_column(
-            col, justify="right" if col in ("world", "batch", "epochs") else "left", no_wrap=True
-        )
-    table.add_column("description", min_width=24, ratio=1)
-    for name in listed_recipes():
-        r = recipe_row(name)
-        cells = (r.name, r.model, r.labels, str(r.world_size), str(r.global_batch), r.global_support)
-        table.add_row(*cells, f"{r.epochs:g}", r.description)
-    console.print(table)
+    # Wrapped to the console's width (soft_wrap off): descriptions wrap, names and numbers stay whole.
+    console.print(recipes_view(console.width), soft_wrap=False)
 
 
 @recipes_app.command("show")
@@ -503,21 +491,10 @@ def reproduce(
 @user_errors
 def settings_cmd(overrides: OverridesArg = None, recipe: RecipeOption = None) -> None:
     """Every settings key with its resolved value and documentation."""
+    from paws_cli.cli_views import settings_view
+
     settings = _settings(recipe, overrides)
-    table = Table(title="settings (override with key=value or PAWS_SECTION__KEY=value)")
-    table.add_column("key", style="bold")
-    table.add_column("value")
-    table.add_column("description")
-    dumped = settings.model_dump(mode="json")
-    for key, info in setting_paths().items():
-        section = key.split(".", 1)[0]
-        if section not in dumped:  # another method's section, absent from these settings: its default
-            value: Any = info.get_default(call_default_factory=True)
-            text = f"{json.dumps(value, default=list)} (method={section} only)"
-        else:
-            text = json.dumps(lookup(dumped, key))
-        table.add_row(key, text, info.description or "")
-    console.print(table)
+    console.print(settings_view(settings, console.width), soft_wrap=False)
 
 
 @app.command()
