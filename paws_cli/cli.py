@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from paws_cli import cli_convert
 from paws_cli.config import (
     ConfigError,
     Settings,
@@ -215,10 +216,12 @@ def export(
 
 
 convert_app = typer.Typer(
-    help="Convert a dataset: fashion-mnist (the toolkit's array format) or imagefolder (an FFCV .beton).",
+    help="Convert a dataset: your own images or arrays, or fashion-mnist (the toolkit's in-memory array format), "
+    "or imagefolder (an FFCV .beton).",
     no_args_is_help=True,
 )
 app.add_typer(convert_app, name="convert-dataset")
+cli_convert.register(convert_app, user_errors, console)  # `images` and `arrays`: your own data
 
 
 @convert_app.command("fashion-mnist")
@@ -560,14 +563,13 @@ DEMO_HELP = (
 )
 
 
-@app.command()
+@app.command(help=DEMO_HELP)
 @user_errors
 def demo(
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Demo recipe.")] = "fmnist_demo",
     overrides: OverridesArg = None,
 ) -> None:
-    """Pretrain PAWS (and SemPPL, when a recipe semppl_<recipe> exists) with one wall-clock budget, then compare
-    their nearest-neighbour and fine-tuned accuracy with a supervised-only and a raw-pixel baseline."""
+    """Does PAWS beat training on your labels alone? A table that answers it, on any dataset (see DEMO_HELP)."""
     from paws_cli.demo import run_demo
 
     run_demo(recipe, overrides or [], console)

@@ -6,7 +6,8 @@ Layout::
     train_labels.npy  (N,) int64
     test_images.npy, test_labels.npy
     meta.json         format, version, name, class names, counts, image shape, channel mean/std of the
-                      train images in [0, 1], source, sha256 of every array file
+                      train images in [0, 1], source, sha256 of every array file, and optionally
+                      ``conversion`` (how it was made: sizes, channels, where the test split came from)
 
 Every file is written atomically and ``meta.json`` last, so a directory without it is an unfinished write.
 """
@@ -33,7 +34,11 @@ SPLITS = ("train", "test")
 ARRAY_FILES = tuple(f"{split}_{part}.npy" for split in SPLITS for part in ("images", "labels"))
 FMNIST_NAME = "fashion-mnist"
 
-_HOW_TO_MAKE = "make one with `paws convert-dataset fashion-mnist OUT`"
+_HOW_TO_MAKE = (
+    "make one with `paws convert-dataset images SRC OUT` (SRC: one sub-folder of images per class), "
+    "`paws convert-dataset arrays FILE.npz OUT` (x_train, y_train[, x_test, y_test]) or "
+    "`paws convert-dataset fashion-mnist OUT`"
+)
 
 
 def _sha256(path: Path) -> str:
@@ -90,8 +95,11 @@ def write_array_dataset(
     test: tuple[np.ndarray, np.ndarray],
     class_names: Sequence[str],
     source: str,
+    conversion: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write an array dataset into ``out_dir`` (created if needed) and return its meta dict."""
+    """Write an array dataset into ``out_dir`` (created if needed) and return its meta dict.
+
+    ``conversion`` (JSON-serialisable) is recorded as meta.json's ``conversion`` entry."""
     out = Path(out_dir)
     if isinstance(class_names, str):
         raise TypeError(f"class_names must be a list of names, not the string {class_names!r}")
@@ -142,6 +150,8 @@ def write_array_dataset(
         "source": str(source),
         "sha256": hashes,
     }
+    if conversion:
+        meta["conversion"] = conversion
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
     return meta
 
