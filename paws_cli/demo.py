@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -21,11 +22,12 @@ from rich.table import Table
 
 from paws_cli.config import Settings, load_settings, recipe_names
 from paws_cli.data.backends.memory import load_dataset
-from paws_cli.eval.knn_eval import KnnResult, evaluate_checkpoint, raw_pixel_soft_nn
+from paws_cli.eval.knn_eval import KnnResult, evaluate_checkpoint, raw_pixel_soft_nn, results_path
 from paws_cli.finetune.results import FinetuneResult
 from paws_cli.finetune.train import run_finetune
 from paws_cli.io_utils import atomic_write_text
 from paws_cli.pretrained import load_pretrained, resolve_settings
+from paws_cli.report import write_report
 from paws_cli.train.checkpoint_io import load_checkpoint
 from paws_cli.train.loop import TrainResult, train
 
@@ -46,7 +48,9 @@ def _pretrain_and_evaluate(
     console.rule(f"[bold]{step}/{steps} {label} pretraining ({settings.method})")
     run = train(settings, overwrite=True, console=console, default_name=name)
     console.rule(f"[bold]{step + 1}/{steps} {label}-NN evaluation, then fine-tuning")
-    knn = evaluate_checkpoint(load_checkpoint(run.checkpoint), settings, str(run.checkpoint))
+    knn = _save_knn(
+        evaluate_checkpoint(load_checkpoint(run.checkpoint), settings, str(run.checkpoint)), run.checkpoint
+    )
     weights = load_pretrained(run.checkpoint)
     # The checkpoint's settings hold the recipe's finetune.* values and the demo's overrides. One thread: batches
     # of 16 small images gain nothing from a second, which on a busy machine spin-waits.
@@ -84,8 +88,9 @@ def run_demo(recipe: str, overrides: Sequence[str], console: Console) -> dict[st
         recipe, [*overrides, "method=supervised", f"run.name={name}_supervised", budget]
     )
     supervised = train(sup_settings, overwrite=True, console=console, default_name=f"{name}_supervised")
-    sup_eval = evaluate_checkpoint(
-        load_checkpoint(supervised.checkpoint), sup_settings, str(supervised.checkpoint)
+    sup_eval = _save_knn(
+        evaluate_checkpoint(load_checkpoint(supervised.checkpoint), sup_settings, str(supervised.checkpoint)),
+        supervised.checkpoint,
     )
 
     console.rule(f"[bold]{steps}/{steps} raw-pixel soft-NN")
@@ -99,7 +104,32 @@ def run_demo(recipe: str, overrides: Sequence[str], console: Console) -> dict[st
     results["demo_wall_seconds"] = time.perf_counter() - started
     console.print(f"Demo wall-clock {results['demo_wall_seconds']:.0f} s.")
     atomic_write_text(paws.run.run_dir / "demo_results.json", json.dumps(results, indent=2) + "\n")
+    run_dirs = [m.run.run_dir for m in learned] + [supervised.run_dir]
+    results["report"] = _write_report(run_dirs, paws.run.run_dir / "report", console)
     return results
+
+
+def _save_knn(result: KnnResult, checkpoint: Path) -> KnnResult:
+    """knn_eval.json beside the checkpoint, as `paws knn-eval` writes it (`paws report` reads it)."""
+    atomic_write_text(results_path(checkpoint), json.dumps(result.as_dict(), indent=2) + "\n")
+    return result
+
+
+def _write_report(run_dirs: list[Path], out: Path, console: Console) -> str | None:
+    """The report of the demo's runs (`paws report`); a failure is a warning, the results being written."""
+    try:
+        page = write_report(run_dirs, out)
+    except Exception as exc:  # drawing plots must not lose a demo that has finished
+        console.print(
+            f"warning: the demo's report was not written ({type(exc).__name__}: {exc}); the numbers are in "
+            "demo_results.json, and `paws report` draws the runs later",
+            style="yellow",
+            markup=False,
+            highlight=False,
+        )
+        return None
+    console.print(f"report of the demo's runs: {page}", highlight=False, markup=False)
+    return str(page)
 
 
 def _report(

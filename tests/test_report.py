@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from paws_cli.cli import app
 from paws_cli.config import load_settings
 from paws_cli.report.command import write_report
-from paws_cli.report.figures import FIGURE_FILES, Plot, build_figures
+from paws_cli.report.figures import FIGURE_FILES, Plot, build_figures, eval_values
 from paws_cli.report.runs import RunData, legend_labels, load_run, read_jsonl
 from paws_cli.train.loop import train
 
@@ -294,3 +294,54 @@ def test_log_scale_rule(values: list[float], log: bool) -> None:
     from paws_cli.report.figures import spans_decades
 
     assert spans_decades(values) is log
+
+
+def test_finetunes_are_found_from_another_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finetune.json names its checkpoint relative to where fine-tuning ran (runs/x/checkpoint.pt)."""
+    a = _paws_run(tmp_path / "runs" / "x", 0.5)
+    ft = _finetune_run(tmp_path / "runs" / "x_finetune", a)
+    doc = json.loads((ft / "finetune.json").read_text())
+    doc |= {"pretrained": "runs/x/checkpoint.pt", "run_dir": "runs/x_finetune"}
+    (ft / "finetune.json").write_text(json.dumps(doc))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert [r.path for r in load_run(a).finetunes] == [ft]
+
+
+def test_demo_ends_with_the_report_of_its_runs(tiny_overrides: list[str]) -> None:
+    from paws_cli.demo import run_demo
+
+    semppl = ["semppl.labelled_batch.classes_per_batch=4", "semppl.queue_size=64", "semppl.num_negatives=6"]
+    short = ["run.max_steps=12", "run.num_threads=1", "finetune.epochs=2", "run.name=demo"]
+    results = run_demo("fmnist_demo", [*tiny_overrides, *semppl, *short], QUIET)
+    out_dir = Path(next(o for o in tiny_overrides if o.startswith("run.out_dir=")).split("=", 1)[1])
+    page = Path(str(results["report"]))
+    assert page == out_dir / "demo" / "report" / "index.html"
+    _assert_page_is_whole(page)
+    assert set(_img_sources(page)) == set(FIGURE_FILES)
+    runs = [load_run(out_dir / name) for name in ("demo", "demo_semppl", "demo_supervised")]
+    assert [len(r.finetunes) for r in runs] == [1, 1, 0]
+    # the numbers drawn are the demo's own
+    shown = [eval_values(r) for r in runs]
+    assert shown[0]["soft-NN (PAWS-NN)"] == results["paws_nn"]["top1"]  # type: ignore[index]
+    assert shown[0]["fine-tuned"] == results["paws_finetuned"]["top1"]  # type: ignore[index]
+    assert shown[1]["fine-tuned"] == results["semppl_finetuned"]["top1"]  # type: ignore[index]
+    assert shown[2]["linear classifier"] == results["supervised_only"]["top1"]  # type: ignore[index]
+    plots = {p.filename: p.figure for p in build_figures(runs, legend_labels(runs))}
+    health = {ax.get_label() for ax in plots["health.png"].axes}
+    assert {"target_confidence", "pseudo_label_accuracy", "valid_positives", "train_accuracy"} <= health
+    selection = {line.get_gid() for ax in plots["selection.png"].axes for line in ax.lines}
+    assert {"demo_finetune", "demo_semppl_finetune"} <= selection
+
+
+def test_a_failing_demo_report_is_a_warning(tmp_path: Path) -> None:
+    from paws_cli.demo import _write_report
+
+    run_dir = _paws_run(tmp_path / "a", 0.5)
+    (tmp_path / "taken").write_text("a file where the report folder would go")
+    console = Console(record=True, width=200)
+    assert _write_report([run_dir], tmp_path / "taken", console) is None
+    assert "the demo's report was not written" in console.export_text()

@@ -176,9 +176,26 @@ def finetunes_of(run_dir: Path) -> list[RunData]:
     found = []
     for candidate in sorted(run_dir.parent.glob("*/finetune.json")):
         doc = _read_json(candidate)
-        if doc and isinstance(doc.get("pretrained"), str) and Path(doc["pretrained"]).resolve() == checkpoint:
+        if doc and _pretrained_checkpoint(doc, candidate.parent) == checkpoint:
             found.append(load_run(candidate.parent, find_finetunes=False))
     return found
+
+
+def _pretrained_checkpoint(doc: dict[str, Any], finetune_dir: Path) -> Path | None:
+    """The checkpoint a finetune.json names, resolved. A relative name was relative to the directory the
+    fine-tuning ran in, which its recorded run_dir gives (e.g. runs/x_finetune, now found at /a/runs/x_finetune:
+    it ran in /a), so the report finds it from any working directory."""
+    pretrained = doc.get("pretrained")
+    if not isinstance(pretrained, str):
+        return None
+    path = Path(pretrained)
+    recorded = Path(str(doc.get("run_dir", "")))
+    actual = finetune_dir.resolve()
+    if not path.is_absolute() and not recorded.is_absolute() and recorded.parts:
+        n = len(recorded.parts)
+        if actual.parts[-n:] == recorded.parts:
+            return (Path(*actual.parts[:-n]) / path).resolve()
+    return path.resolve()
 
 
 def _format_value(value: Any) -> str:

@@ -5,7 +5,9 @@ finetune.json: ``test_top1``) and the difference ours - paper in points. A cell 
 "not run", or "failed" when its step, or one it needs, failed in this invocation; a cell the toolkit cannot
 reproduce reads its reason (SemPPL's SK rows: "not reproducible: no SK backbone in the toolkit"). Written atomically to
 ``OUT/<table>.md`` and ``OUT/<table>.json`` (``<table>_smoke.*`` for the smoke scale, so that a smoke run
-never overwrites a real report).
+never overwrites a real report), with the figures the Markdown shows: ``<table>_bars.png`` (ours against the
+paper, per cell) and, for Table 1, ``<table>_epochs.png`` (top-1 against pretraining epochs beside the paper's
+Figure 1 points; see :mod:`paws_cli.reproduce.figures`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paws_cli.io_utils import atomic_write_text
+from paws_cli.io_utils import atomic_path, atomic_write_text
+from paws_cli.reproduce.figures import bars_figure, epochs_figure
 from paws_cli.reproduce.paper import PAPERS, SOURCES, TITLES
 from paws_cli.reproduce.plan import Plan, PlannedCell
 from paws_cli.reproduce.runner import StepOutcome
@@ -80,8 +83,14 @@ def _fmt(value: float | None, missing: str, signed: bool = False) -> str:
     return f"{value:+.1f}" if signed else f"{value:.2f}"
 
 
-def render_markdown(plan: Plan, results: Sequence[CellResult], now: dt.datetime | None = None) -> str:
-    """The report as Markdown: one row per (architecture, method, epochs), the 1% and 10% columns side by side."""
+def render_markdown(
+    plan: Plan,
+    results: Sequence[CellResult],
+    now: dt.datetime | None = None,
+    figures: Sequence[tuple[str, str]] = (),
+) -> str:
+    """The report as Markdown: one row per (architecture, method, epochs), the 1% and 10% columns side by side;
+    then ``figures``, (caption, PNG file name beside the report) pairs."""
     opts = plan.options
     now = now or dt.datetime.now(dt.timezone.utc)
     rows: dict[tuple[str, str, int], dict[str, CellResult]] = {}
@@ -128,6 +137,10 @@ def render_markdown(plan: Plan, results: Sequence[CellResult], now: dt.datetime 
         + (", PAWS-NN is the soft nearest neighbour over the labelled list" if nn else "")
         + ". 'not run': no result yet; 'failed': its step or one it needs failed (see the logs).",
         "",
+    ]
+    for caption, name in figures:
+        lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    lines += [
         "Result files:",
         "",
     ]
@@ -172,6 +185,39 @@ def write_report(plan: Plan, outcomes: Sequence[StepOutcome] = ()) -> tuple[Path
     results = collect(plan, outcomes)
     md, js = report_paths(plan)
     md.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(md, render_markdown(plan, results))
+    atomic_write_text(md, render_markdown(plan, results, figures=write_figures(plan, results)))
     atomic_write_text(js, json.dumps(render_json(plan, results), indent=2) + "\n")
     return md, results
+
+
+def write_figures(plan: Plan, results: Sequence[CellResult]) -> list[tuple[str, str]]:
+    """The report's PNGs beside it (written atomically): ours against the paper's per cell, and for Table 1
+    fine-tuned top-1 against pretraining epochs with the paper's Figure 1 points. (caption, file name) pairs."""
+    md, _ = report_paths(plan)
+    figures = [
+        (
+            "bars",
+            "Ours (blue) against the paper (grey), top-1 % per published cell",
+            bars_figure(results, _figure_title(plan)),
+        ),
+        (
+            "epochs",
+            "Fine-tuned top-1 against pretraining epochs: the paper's points (Figure 1 at 10% labels, Table 1) "
+            "and ours, each point the end of its own run (no run evaluates during pretraining)",
+            epochs_figure(results),
+        ),
+    ]
+    written = []
+    for suffix, caption, figure in figures:
+        if figure is None:
+            continue
+        name = f"{md.stem}_{suffix}.png"
+        with atomic_path(md.parent / name) as tmp:
+            figure.savefig(tmp, format="png", dpi=110)
+        written.append((caption, name))
+    return written
+
+
+def _figure_title(plan: Plan) -> str:
+    smoke = " (smoke scale: not comparable)" if plan.options.scale == "smoke" else ""
+    return f"{PAPERS[plan.options.table]} paper, {TITLES[plan.options.table]}{smoke}"
