@@ -301,6 +301,7 @@ RULES: list[tuple[str, Callable[[Workspace, list[str]], str]]] = [
     (rf"{IMAGENET_PLACEHOLDER}|imagenet_train\.beton|runs/r50_10pct/", run_on_tiny_imagenet),
     (r"^paws (pretrain|demo|knn-eval|finetune) ", run_on_tiny_data),
     (r"^paws sweep ", sweep_on_tiny_data),
+    (r"^paws report ", run_as_written),
 ]
 
 
@@ -359,6 +360,9 @@ def test_every_readme_command_runs(workspace: Workspace) -> None:
     assert (ws / "backbone.safetensors").is_file()
     assert (ws / "splits" / "fmnist10" / "labelled.txt").is_file()
     assert (ws / "runs" / "lr05_again" / "resolved_config.yaml").is_file()
+    assert (ws / "runs" / "fmnist_demo" / "report" / "index.html").is_file()
+    assert (ws / "reports" / "lr" / "lr.png").is_file()
+    assert list((ws / "runs" / "tb").glob("events.out.tfevents.*"))
     if HAS_FFCV:
         assert (ws / "data" / "imagenet_train.beton.index.json").is_file()
         assert (ws / "runs" / "r50_10pct" / "knn_eval.json").is_file()

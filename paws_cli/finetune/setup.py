@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 
 from paws_cli.config import Settings
+from paws_cli.config.paths import with_absolute_paths
 from paws_cli.config.schema import OptimSettings
 from paws_cli.config.trees import flatten_keys, lookup, upgrade_saved_tree
 from paws_cli.data.backends.eval_data import EvalData, build_eval_data
@@ -40,7 +41,7 @@ from paws_cli.train.tensorboard_log import check_tensorboard, open_metric_logs
 
 #: Settings that may differ on resume; stricter than pretraining's (``train.run_state``): a fine-tuning run's
 #: ``finetune.*`` settings are what it trains, and ``slurm.*`` does not apply to it.
-RESUMABLE_CHANGES = ("run.", "eval.")
+RESUMABLE_CHANGES = ("run.", "eval.", "data.num_workers")
 
 
 def _zero_sums() -> dict[str, float]:
@@ -159,6 +160,7 @@ def set_up(
     name: str,
 ) -> FinetuneRun:
     """Everything before the first step, in this order (the order fixes the initial weights)."""
+    settings = with_absolute_paths(settings)  # what the run records works from any directory
     if settings.run.time_budget_s is not None:
         raise ValueError(
             "run.time_budget_s applies to pretraining; fine-tuning runs finetune.epochs (unset it)"

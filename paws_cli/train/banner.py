@@ -40,10 +40,16 @@ def describe_globals(settings: Settings, world: int, steps_per_epoch: int, total
     if sizes.support is not None:
         lines.append(sizes.support_line())
     lines.append(
-        f"lr: {o.start_lr} -> {o.lr} over {o.warmup_epochs} warm-up epochs, cosine to {o.final_lr}; "
+        f"lr: {o.start_lr} -> {o.lr} over {o.warmup_text()}, cosine to {o.final_lr}; "
         f"{o.optimizer}, weight decay {o.weight_decay}"
     )
-    lines.append(f"steps: {steps_per_epoch} per epoch x {o.epochs} epochs = {total_steps}")
+    if o.total_steps is not None:
+        epochs = total_steps / steps_per_epoch
+        lines.append(
+            f"steps: {total_steps} (optim.total_steps; {epochs:.3g} epochs of {steps_per_epoch} steps)"
+        )
+    else:
+        lines.append(f"steps: {steps_per_epoch} per epoch x {o.epochs} epochs = {total_steps}")
     return lines
 
 

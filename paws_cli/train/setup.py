@@ -14,12 +14,14 @@ from rich.console import Console
 
 from paws_cli.collectives import mean_over_processes
 from paws_cli.config import Settings
+from paws_cli.config.paths import with_absolute_paths
 from paws_cli.data.needs import needs_of
 from paws_cli.data.sources import TrainDataLike, build_train_data
 from paws_cli.data.splits.files import write_split
+from paws_cli.data.view_sizes import fit_views
 from paws_cli.method_registry import method_class
 from paws_cli.methods import Method, create_method
-from paws_cli.optim import StepSchedule, create_optimizer
+from paws_cli.optim import StepSchedule, create_optimizer, schedule_lengths
 from paws_cli.train.banner import describe_compute, describe_globals, world_size_warning
 from paws_cli.train.guards import BudgetClock, NonFiniteGuard, StopSignals
 from paws_cli.train.process_group import DistContext, barrier, init_distributed, main_first, wrap_model
@@ -86,6 +88,7 @@ class Run:
     progress: TrainProgress = field(init=False)
     step_log: JsonlWriter | None = None
     epoch_log: JsonlWriter | None = None
+    notes: list[str] = field(default_factory=list)  # printed at start: view sizes against the data
 
     @property
     def is_main(self) -> bool:
@@ -169,6 +172,8 @@ class Run:
 
 def set_up(settings: Settings, *, resume: bool, overwrite: bool, console: Console, name: str) -> Run:
     """Everything before the first step, in this order (the order fixes the initial weights)."""
+    settings = with_absolute_paths(settings)  # what the run records works from any directory
+    settings, notes = fit_views(settings)  # views sized from the data, or a warning when they differ from it
     check_tensorboard(settings.run.tensorboard)  # before any work: a missing extra fails at once
     ctx = init_distributed(settings.run)
     if settings.run.num_threads:
@@ -186,6 +191,7 @@ def set_up(settings: Settings, *, resume: bool, overwrite: bool, console: Consol
         ctx, lambda: prepare_run_dir(path, resume=resume, overwrite=overwrite, lock=True), lambda: path
     )
     run = _build(settings, ctx, run_dir, console)
+    run.notes = notes
     state = _resume(run) if resume else {}
     run.guard = NonFiniteGuard(
         settings.run.skip_nonfinite_steps, int(state.get("nonfinite_skipped", 0)), console, run.is_main
@@ -220,7 +226,8 @@ def _build(settings: Settings, ctx: DistContext, run_dir: Path, console: Console
         model = model.to(memory_format=torch.channels_last)
     model = wrap_model(model, ctx, settings.model)
     optimizer = create_optimizer(getattr(model, "module", model), settings.optim)
-    total_steps = max(round(settings.optim.epochs * data.steps_per_epoch), 1)
+    # in epochs or in steps; a warm-up as long as training is an error naming the settings
+    total_steps, _ = schedule_lengths(settings.optim, data.steps_per_epoch)
     schedule = StepSchedule(optimizer, settings.optim, total_steps, data.steps_per_epoch)
     scaler = make_grad_scaler(ctx.device, settings.run.precision)
     return Run(
@@ -287,6 +294,9 @@ def _start_logs(run: Run, *, resumed: bool) -> None:
     console.print(f"[bold]{settings.method}[/] pretraining -> {run.run_dir}")
     console.print(f"compute: {describe_compute(settings, run.ctx)}")
     console.print(f"data: {data.describe()}; labelled: {run.labelled_source}")
+    for note in run.notes:
+        style = "yellow" if note.startswith("warning") else None
+        console.print(note, style=style, markup=False, highlight=False)
     if data.supports is not None and needs_of(settings).support is not None:
         console.print(data.supports.describe())
     for line in describe_globals(settings, run.ctx.world_size, data.steps_per_epoch, run.total_steps):
