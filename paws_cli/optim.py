@@ -129,6 +129,32 @@ def create_optimizer(model: nn.Module, cfg: OptimSettings) -> torch.optim.Optimi
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
+def schedule_lengths(cfg: OptimSettings, steps_per_epoch: int) -> tuple[int, int]:
+    """(total, warm-up) steps of a run: as given in steps (optim.total_steps, optim.warmup_steps), or epochs x
+    steps per epoch, rounded. A warm-up that is not shorter than training is an error naming the settings."""
+    if cfg.total_steps is not None:
+        total, total_text = cfg.total_steps, f"optim.total_steps={cfg.total_steps}"
+    else:
+        assert cfg.epochs is not None  # the settings validator gives one of the two
+        total = max(round(cfg.epochs * steps_per_epoch), 1)
+        total_text = f"optim.epochs={cfg.epochs:g}, {total} steps of {steps_per_epoch} per epoch"
+    if cfg.warmup_steps is not None:
+        warmup, warmup_text = cfg.warmup_steps, f"optim.warmup_steps={cfg.warmup_steps}"
+    else:
+        assert cfg.warmup_epochs is not None
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        warmup_text = (
+            f"optim.warmup_epochs={cfg.warmup_epochs:g}, {warmup} steps of {steps_per_epoch} per epoch"
+        )
+    if warmup > 0 and warmup >= total:
+        fix = "optim.warmup_steps" if cfg.warmup_steps is not None else "optim.warmup_epochs"
+        raise ValueError(
+            f"the warm-up ({warmup_text}) is not shorter than training ({total_text}); lower {fix} "
+            f"(e.g. optim.warmup_steps={max(total // 10, 0)}) or lengthen training"
+        )
+    return total, warmup
+
+
 class StepSchedule:
     """Linear warm-up from start_lr to lr, then cosine to final_lr reached exactly at the last step.
 
@@ -139,7 +165,12 @@ class StepSchedule:
         self, optimizer: torch.optim.Optimizer, cfg: OptimSettings, total_steps: int, steps_per_epoch: int
     ):
         self.total_steps = total_steps
-        self.warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+        warmup = (
+            cfg.warmup_steps
+            if cfg.warmup_steps is not None
+            else round((cfg.warmup_epochs or 0) * steps_per_epoch)
+        )
+        self.warmup_steps = min(warmup, max(total_steps - 1, 0))
         self.optimizer = optimizer
         for group in optimizer.param_groups:  # timm takes the peak from the groups' initial_lr
             group["lr"] = group["initial_lr"] = cfg.lr

@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 
 from paws_cli.config import load_settings
+from paws_cli.config.paths import with_absolute_paths
 from paws_cli.eval.knn_eval import evaluate_checkpoint
 from paws_cli.train.checkpoint_io import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
 from paws_cli.train.loop import train
@@ -63,9 +64,10 @@ def test_checkpoint_is_plain_data_and_records_run(tiny_overrides: list[str]) -> 
     assert {"target_confidence", "support_accuracy", "ce", "me_max_kl"} <= set(epochs[0])
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [4, 8, 12, 16]
-    # the resolved config re-runs as a recipe and gives the same settings
+    # the resolved config re-runs as a recipe and gives the same settings (its paths recorded absolute)
     again = load_settings(str(run_dir / "resolved_config.yaml"), environ={})
-    assert again == load_settings("fmnist_demo", [*tiny_overrides, "optim.epochs=1"], environ={})
+    given = load_settings("fmnist_demo", [*tiny_overrides, "optim.epochs=1"], environ={})
+    assert again == with_absolute_paths(given)
 
 
 def test_paws_learns_on_tiny_data(tiny_overrides: list[str]) -> None:

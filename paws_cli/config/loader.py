@@ -16,6 +16,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from paws_cli.config.alternatives import resolve_alternatives
+from paws_cli.config.data_kind import apply_detected_kind
+from paws_cli.config.errors import ConfigError
 from paws_cli.config.schema import Settings
 from paws_cli.config.trees import flatten_keys, merge_trees
 from paws_cli.method_registry import method_sections
@@ -27,10 +30,6 @@ ENV_PREFIX = "PAWS_"
 #: Top-level keys a recipe may hold besides settings: `base` (inherit another recipe), `provenance` (written into
 #: resolved_config.yaml: versions and git commit; ignored when re-run) and `description` (shown by `recipes ls`).
 RESERVED_KEYS = ("base", "provenance", "description")
-
-
-class ConfigError(ValueError):
-    """A settings problem the user must fix; the message says which key, value and source."""
 
 
 #: Keys of earlier versions that moved into a method's own section: an error names the new key.
@@ -234,10 +233,14 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> str:
         message = err["msg"].removeprefix("Value error, ")
         source = sources.get(loc)
         if source is None:
+            # model-level validators name their keys in the message: the sources of those keys, highest first
+            named = [s for k, s in sources.items() if f"{k}=" in message or k in message.split()]
+            named.sort(key=lambda s: (not s.startswith("override"), not s.startswith("environment")))
             matches = [s for k, s in sources.items() if k.startswith(f"{loc}.")] if loc else []
             # model-level validators (method sections, the method name) name the key in their message
             matches += [s for k, s in sources.items() if not loc and k in message]
-            source = matches[0] if matches else "recipe or defaults"
+            matches = list(dict.fromkeys([*named, *matches]))
+            source = "; ".join(matches[:2]) if named else matches[0] if matches else "recipe or defaults"
         value = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         lines.append(f"  {loc or 'settings'}: {message}{value} [from {source}]")
     return "invalid settings:\n" + "\n".join(lines)
@@ -262,7 +265,13 @@ def load_settings(
     cli, cli_sources = overrides_tree(overrides)
     sources.update(env_sources)
     sources.update(cli_sources)
+    # epochs or steps, and view sizes given or read from the data: the higher layer decides (config.alternatives)
+    base_name = f"recipe '{recipe}'" if recipe is not None else "the checkpoint's settings"
+    tree, env, cli = resolve_alternatives(
+        [tree, env, cli], [base_name, "the PAWS_* environment variables", "the key=value overrides"]
+    )
     tree = merge_trees(merge_trees(tree, env), cli)
+    tree = apply_detected_kind(tree, {**env_sources, **cli_sources})  # data.path says what the data is
     try:
         return Settings.model_validate(tree)
     except ValidationError as exc:

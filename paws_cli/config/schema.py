@@ -5,11 +5,25 @@ Batch and support sizes are *per process*; the run prints the resolved global va
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from paws_cli.method_registry import method_class, method_sections
+
+
+def default_num_workers() -> int:
+    """min(8, CPU cores available to this process // processes on this node), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(8, cores // local))
 
 
 class Section(BaseModel):
@@ -28,7 +42,7 @@ class DataSettings(Section):
     format: Literal["memory", "folder", "ffcv"] = Field(
         "memory",
         description="How it is loaded: 'memory' (the whole uint8 array in RAM, augmented on the training device; "
-        "fashion_mnist, array, cifar10), 'folder' (JPEGs decoded by PIL in DataLoader workers) or 'ffcv' (a .beton "
+        "fashion_mnist, array, cifar10), 'folder' (image files decoded by PIL in DataLoader workers) or 'ffcv' (a .beton "
         "from `paws convert-dataset imagefolder`, decoded by FFCV; needs the ffcv extra).",
     )
     path: str | None = Field(
@@ -43,10 +57,11 @@ class DataSettings(Section):
         "(ffcv). Memory datasets carry their own test split.",
     )
     num_workers: int = Field(
-        8,
+        default_factory=default_num_workers,
         ge=0,
         description="Data loading per training process: DataLoader worker processes (folder format) or FFCV's "
-        "decoding threads (ffcv format; at least 1, at most numba's thread count).",
+        "decoding threads (ffcv format; at least 1, at most numba's thread count). Default: the CPU cores this "
+        "process may use, shared among the node's processes (LOCAL_WORLD_SIZE), at most 8.",
     )
     bad_images: Literal["skip", "stop"] = Field(
         "skip",
@@ -98,7 +113,7 @@ class DataSettings(Section):
             )
         if not in_memory and self.format == "memory":
             raise ValueError(
-                "data.dataset=imagefolder is loaded with data.format=folder (JPEGs) or data.format=ffcv (a .beton)"
+                "data.dataset=imagefolder is loaded with data.format=folder (image files) or data.format=ffcv (a .beton)"
             )
         if self.dataset in ("cifar10", "imagefolder", "array") and self.path is None:
             # Recipes for these datasets leave the path null on purpose: say exactly what to pass.
@@ -117,6 +132,12 @@ class DataSettings(Section):
 
 class AugmentSettings(Section):
     large_size: int = Field(224, ge=8, description="Side of the 2 large views and the supports, in pixels.")
+    size_from_data: bool = Field(
+        False,
+        description="Size the views from the data at run start: large_size = the images' shorter side, "
+        "small_size scaled by small_size / large_size (in-memory data; a run's resolved_config.yaml records "
+        "the sizes used). augment.large_size or small_size given in a higher settings layer turn it off.",
+    )
     large_scale: tuple[float, float] = Field(
         (0.14, 1.0), description="RandomResizedCrop area range of large views (0.08-1.0 without multi-crop)."
     )
@@ -185,13 +206,28 @@ class SupportBatchShape(Section):
 class OptimSettings(Section):
     optimizer: Literal["lars", "sgd"] = Field("lars", description="LARS (over SGD+momentum) or plain SGD.")
     batch_size: int = Field(64, ge=1, description="Unlabelled images per process and step.")
-    epochs: float = Field(
-        100, gt=0, description="Training epochs (passes over the unlabelled set); fractions end mid-epoch."
+    epochs: float | None = Field(
+        100,
+        gt=0,
+        description="Training epochs (passes over the unlabelled set); fractions end mid-epoch. Or give the "
+        "length in steps with optim.total_steps (the higher settings layer decides; null here then).",
+    )
+    total_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Training length in optimiser steps instead of optim.epochs (short datasets); null = epochs.",
     )
     lr: float = Field(6.4, gt=0, description="Peak learning rate, absolute for the recipe's global batch.")
     start_lr: float = Field(0.3, ge=0, description="Learning rate at the first warm-up step.")
     final_lr: float = Field(0.064, ge=0, description="Learning rate reached by the cosine at the last step.")
-    warmup_epochs: float = Field(10, ge=0, description="Linear warm-up length in epochs.")
+    warmup_epochs: float | None = Field(
+        10, ge=0, description="Linear warm-up length in epochs (or optim.warmup_steps; null then)."
+    )
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Linear warm-up length in steps instead of optim.warmup_epochs; null = epochs.",
+    )
     weight_decay: float = Field(
         1e-6, ge=0, description="Weight decay (not on biases and normalisation layers)."
     )
@@ -199,10 +235,43 @@ class OptimSettings(Section):
     nesterov: bool = Field(False, description="Nesterov momentum.")
     trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient.")
 
+    def length_text(self) -> str:
+        """The run's length as the settings give it: '2.5 epochs' or '300 steps'."""
+        return f"{self.total_steps} steps" if self.total_steps is not None else f"{self.epochs:g} epochs"
+
+    def warmup_text(self) -> str:
+        """The warm-up's length as the settings give it: '0.2 warm-up epochs' or '20 warm-up steps'."""
+        if self.warmup_steps is not None:
+            return f"{self.warmup_steps} warm-up steps"
+        return f"{self.warmup_epochs:g} warm-up epochs"
+
+    @model_validator(mode="after")
+    def _one_length_each(self) -> OptimSettings:
+        # Steps replace the epochs' defaults; both given is an error (config.alternatives resolves the layers).
+        for epochs, steps in (("epochs", "total_steps"), ("warmup_epochs", "warmup_steps")):
+            if getattr(self, steps) is not None and epochs not in self.model_fields_set:
+                object.__setattr__(self, epochs, None)
+            if getattr(self, steps) is not None and getattr(self, epochs) is not None:
+                raise ValueError(
+                    f"optim.{epochs}={getattr(self, epochs)} and optim.{steps}={getattr(self, steps)} give the "
+                    f"same length twice; set one (the other to null)"
+                )
+            if getattr(self, steps) is None and getattr(self, epochs) is None:
+                raise ValueError(f"give optim.{epochs} or optim.{steps} (both are null)")
+        return self
+
     @model_validator(mode="after")
     def _warmup_fits(self) -> OptimSettings:
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"optim.warmup_epochs={self.warmup_epochs} exceeds optim.epochs={self.epochs}")
+        # Same units are checked here (with the keys' sources); epochs against steps when the run is built.
+        pairs = ((self.warmup_epochs, self.epochs, "epochs"), (self.warmup_steps, self.total_steps, "steps"))
+        for warmup, total, unit in pairs:
+            if warmup is not None and total is not None and warmup > 0 and warmup >= total:
+                key = "warmup_epochs" if unit == "epochs" else "warmup_steps"
+                length = "epochs" if unit == "epochs" else "total_steps"
+                raise ValueError(
+                    f"the warm-up (optim.{key}={warmup:g}) is not shorter than training (optim.{length}="
+                    f"{total:g}); lower optim.{key} or lengthen training"
+                )
         return self
 
 

@@ -2,7 +2,7 @@
 
 - ``memory``: :class:`paws_cli.data.backends.memory.TrainData` (Fashion-MNIST, array datasets, CIFAR-10: uint8 arrays
   in RAM, augmented in batches on the training device);
-- ``folder``: :class:`paws_cli.data.backends.folder.FolderTrainData` (an ImageFolder of JPEGs decoded by PIL in DataLoader
+- ``folder``: :class:`paws_cli.data.backends.folder.FolderTrainData` (an ImageFolder of image files decoded by PIL in DataLoader
   workers, the reference's per-image torchvision pipeline);
 - ``ffcv``: ``paws_cli.data.backends.ffcv_loader.FFCVTrainData`` (a .beton decoded by FFCV; optional extra, imported only
   when asked for).

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class KnnResult:
     classifier_top1: float | None = None
     classifier_top5: float | None = None
     unreadable_images: int = 0  # left out of the bank or the queries (data.bad_images=skip)
+    warnings: list[str] = field(default_factory=list)  # e.g. a k larger than the labelled images per class
     queries_from: str = "test split"  # which images were classified ("test split", "val folder ...")
     on: str = "test"  # "test": the test split (or val folder); "val": the train images' validation split
 
@@ -179,6 +180,7 @@ def _evaluate(
         soft_nn_predict(queries, bank, bank_labels, dataset.num_classes, tau=ev.soft_nn_tau), targets
     )
     knn_k = min(ev.knn_k, len(bank))
+    warnings = knn_k_warnings(ev.knn_k, bank_labels.numpy(), dataset.num_classes)
     knn = topk_accuracy(
         knn_predict(queries, bank, bank_labels, dataset.num_classes, k=knn_k, temperature=ev.knn_temperature),
         targets,
@@ -202,11 +204,32 @@ def _evaluate(
         knn_temperature=ev.knn_temperature,
         soft_nn_tau=ev.soft_nn_tau,
         unreadable_images=len(dataset.dropped),
+        warnings=warnings,
     )
     if classifier is not None:
         acc = topk_accuracy(query_outputs[1], targets)
         result.classifier_top1, result.classifier_top5 = acc[1], acc[5]
     return result
+
+
+def knn_k_warnings(k: int, bank_labels: np.ndarray, num_classes: int) -> list[str]:
+    """What is wrong with k-NN's ``k`` for this bank: more neighbours than images of a class, or than the bank."""
+    counts = np.bincount(bank_labels, minlength=num_classes)
+    present = counts[counts > 0]
+    out = []
+    if len(bank_labels) < k:
+        out.append(
+            f"eval.knn_k={k} exceeds the {len(bank_labels)} labelled images of the bank: k-NN uses k={len(bank_labels)}"
+        )
+    if len(present) and k > present.min():
+        fewest = int(present.min())
+        out.append(
+            f"eval.knn_k={k} exceeds the labelled images per class ({fewest}"
+            + (f" to {int(present.max())}" if present.max() != fewest else "")
+            + f"): every k-NN vote counts neighbours of other classes; pass eval.knn_k={fewest} or less "
+            "to compare like with like (PAWS-NN weighs the whole bank and is not affected)"
+        )
+    return out
 
 
 def raw_pixel_soft_nn(dataset: ArrayDataset, labelled: np.ndarray, tau: float = 0.1) -> dict[int, float]:
@@ -274,6 +297,8 @@ def knn_eval_command(
         f"{result.queries_from}; "
         f"embedding: {result.embedding} ({result.embedding_dim}-d)"
     )
+    for warning in result.warnings:
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
     console.print(knn_table(result))
     out = output or results_path(checkpoint, on)
     atomic_write_text(out, json.dumps(result.as_dict(), indent=2) + "\n")

@@ -108,7 +108,7 @@ def describe_submission(settings: Settings) -> list[str]:
         + (f" (recipe written for {settings.world_size})" if world != settings.world_size else ""),
         f"global unlabelled batch: {sizes.batch} ({optim.batch_size} per process)",
         *([sizes.support_line()] if sizes.support is not None else []),
-        f"lr: {optim.lr} peak (absolute, for the global batch above); {optim.epochs} epochs",
+        f"lr: {optim.lr} peak (absolute, for the global batch above); {optim.length_text()}",
     ]
     if world != settings.world_size:
         lines.append(

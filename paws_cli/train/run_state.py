@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from paws_cli.config import Settings
+from paws_cli.config.paths import absolute_path_tree
 from paws_cli.config.trees import flatten_keys, lookup, upgrade_saved_tree
 from paws_cli.data.needs import needs_of
 from paws_cli.data.sources import TrainDataLike
@@ -20,7 +21,7 @@ from paws_cli.methods import Method
 from paws_cli.train.checkpoint_io import CheckpointError, load_checkpoint, load_state_strict
 
 #: Settings that may differ on resume (everything else must match the checkpoint's).
-RESUMABLE_CHANGES = ("run.", "eval.", "slurm.", "finetune.")
+RESUMABLE_CHANGES = ("run.", "eval.", "slurm.", "finetune.", "data.num_workers")
 
 
 def per_process_sizes(settings: Settings) -> tuple[str, ...]:
@@ -121,6 +122,7 @@ def check_same_settings(
     """A resume must train what the checkpoint trained: only run/eval/slurm/finetune settings (and, with another
     process count, the per-process sizes) may differ."""
     saved = Settings.model_validate(upgrade_saved_tree(saved_tree)).model_dump(mode="json")
+    saved = absolute_path_tree(saved)  # checkpoints of earlier versions recorded paths as given
     now = settings.model_dump(mode="json")
     free = RESUMABLE_CHANGES + (per_process_sizes(settings) if world_changed else ())
     keys = dict.fromkeys(flatten_keys(now) + flatten_keys(saved))

@@ -1,4 +1,5 @@
-"""ImageFolder training data: JPEGs decoded by PIL in DataLoader workers, the reference's per-image pipeline.
+"""ImageFolder training data: image files (JPEG, PNG, ...) decoded by PIL in DataLoader workers, the
+reference's per-image pipeline.
 
 - The unlabelled images are all images of the train root ``data.path`` (class folders, classes sorted as
   torchvision's ImageFolder sorts them); the labelled subset comes from ``data.split`` (a file-name split,
@@ -439,7 +440,7 @@ class FolderTrainData:
         workers = self.settings.data.num_workers
         return (
             f"imagefolder at {self.index.root}: {len(self.index)} train images, {self.num_classes} classes; "
-            f"JPEGs decoded by PIL in {workers} DataLoader worker{'s' if workers != 1 else ''} per process"
+            f"image files decoded by PIL in {workers} DataLoader worker{'s' if workers != 1 else ''} per process"
         )
 
     def state_dict(self) -> dict[str, Any]:
