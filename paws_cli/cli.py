@@ -141,8 +141,11 @@ def pretrain(
         default_name=_default_name(recipe, settings),
     )
     if result.is_main and not result.already_complete:
+        from paws_cli.train.banner import images_per_step
+
+        kind = images_per_step(settings, result.world_size)[1]  # the supervised baseline reads labelled ones
         console.print(
-            f"done: {result.steps} steps in {result.train_seconds:.1f} s ({result.images_per_second:.0f} unlabelled "
+            f"done: {result.steps} steps in {result.train_seconds:.1f} s ({result.images_per_second:.0f} {kind} "
             f"img/s, data wait {100 * result.data_fraction:.1f}%); checkpoint {result.checkpoint}"
         )
 

@@ -23,6 +23,7 @@ from rich.table import Table
 from paws_cli.config import Settings, load_settings, recipe_names
 from paws_cli.data.backends.memory import load_dataset
 from paws_cli.eval.knn_eval import KnnResult, evaluate_checkpoint, raw_pixel_soft_nn, results_path
+from paws_cli.finetune.progress import selection_text
 from paws_cli.finetune.results import FinetuneResult
 from paws_cli.finetune.train import run_finetune
 from paws_cli.io_utils import atomic_write_text
@@ -45,7 +46,7 @@ class Learned:
 def _pretrain_and_evaluate(
     label: str, settings: Settings, name: str, console: Console, step: int, steps: int
 ) -> Learned:
-    console.rule(f"[bold]{step}/{steps} {label} pretraining ({settings.method})")
+    console.rule(f"[bold]{step}/{steps} {label} pretraining")
     run = train(settings, overwrite=True, console=console, default_name=name)
     console.rule(f"[bold]{step + 1}/{steps} {label}-NN evaluation, then fine-tuning")
     knn = _save_knn(
@@ -60,6 +61,7 @@ def _pretrain_and_evaluate(
     finetuned = run_finetune(
         ft_settings, weights, overwrite=True, console=console, default_name=f"{name}_finetune"
     )
+    console.print(f"{label} fine-tuned: {selection_text(finetuned)}", highlight=False)
     return Learned(label, run, knn, finetuned)
 
 

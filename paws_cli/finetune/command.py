@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from paws_cli import collectives as dist
+from paws_cli.finetune.progress import selection_text
 from paws_cli.finetune.results import FinetuneResult, finetune_table
 from paws_cli.finetune.train import RESULTS, run_finetune
 from paws_cli.pretrained import PretrainedWeights, load_pretrained, resolve_settings
@@ -56,6 +57,7 @@ def finetune_command(
         return result
     if result.complete:
         console.print(finetune_table(result))
+        console.print(selection_text(result), highlight=False)
         console.print(
             f"fine-tuning took {result.train_seconds:.1f} s for {result.steps} steps; "
             f"results: {Path(result.run_dir) / RESULTS}; selected weights: {result.best_checkpoint}"

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from paws_cli.config import Settings
 from paws_cli.config.paths import with_absolute_paths
@@ -21,7 +22,7 @@ from paws_cli.data.backends.eval_data import EvalData, build_eval_data
 from paws_cli.data.splits.files import write_split
 from paws_cli.finetune.data import FinetuneBatches, FinetuneData, FinetuneSplits, make_finetune_splits
 from paws_cli.finetune.model import FinetuneModel, build_finetune_model
-from paws_cli.finetune.progress import finetune_epoch_text
+from paws_cli.finetune.progress import finetune_epoch_text, pretrained_text
 from paws_cli.optim import StepSchedule, split_decay_params
 from paws_cli.pretrained import FINETUNE_KIND, PretrainedWeights
 from paws_cli.train.checkpoint_io import CheckpointError, load_checkpoint, load_state_strict
@@ -315,9 +316,10 @@ def _start_logs(run: FinetuneRun, *, resumed: bool) -> None:
 
 def _banner(run: FinetuneRun) -> list[str]:
     ft, weights, batches = run.settings.finetune, run.weights, run.batches
-    what = "fine-tuning (whole network)" if ft.mode == "full" else "linear probe (frozen backbone)"
+    what = "Fine-tuning (whole network)" if ft.mode == "full" else "Linear probe (frozen backbone)"
     lines = [
-        f"[bold]paws finetune[/]: {what} of {weights.path} ({weights.kind}) -> {run.run_dir}",
+        f"[bold]{what}[/] of {escape(str(weights.path))} ({pretrained_text(weights)}) -> "
+        f"{escape(str(run.run_dir))}",
         f"data: {run.dataset.describe()}; labelled: {run.labelled_source}",
     ]
     pretraining = weights.meta.get("labelled")

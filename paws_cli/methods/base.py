@@ -32,6 +32,8 @@ class Method(ABC):
     """One training method. Subclasses set ``settings_class`` and implement ``build_model`` and ``loss``."""
 
     name: ClassVar[str] = ""  # set by @register_method
+    #: How run output names the method ("PAWS"); the registered name when empty.
+    title: ClassVar[str] = ""
     settings_class: ClassVar[type[Section]] = Section
     #: The encoder output evaluation embeds with when eval.embedding=auto: 'auto' takes the prediction head when
     #: the encoder has one, else the projection.

@@ -47,6 +47,7 @@ class PAWSModel(nn.Module):
 @register_method("paws")
 class PAWSMethod(Method):
     settings_class = PAWSSettings
+    title = "PAWS"
 
     @classmethod
     def data_needs(cls, settings: Settings) -> DataNeeds:

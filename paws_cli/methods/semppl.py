@@ -140,6 +140,7 @@ def semppl_views(settings: Settings) -> tuple[ViewSpec, ...]:
 @register_method("semppl")
 class SemPPLMethod(Method):
     settings_class = SemPPLSettings
+    title = "SemPPL"
 
     def __init__(self, settings: Settings, *, in_chans: int, num_classes: int) -> None:
         super().__init__(settings, in_chans=in_chans, num_classes=num_classes)

@@ -36,6 +36,7 @@ class SupervisedModel(nn.Module):
 @register_method("supervised")
 class SupervisedMethod(Method):
     settings_class = SupervisedSettings
+    title = "supervised-only baseline"
     default_embedding = "backbone"  # it trains no projection head
 
     @classmethod

@@ -3,9 +3,14 @@ spending GPU-hours, and a warning when the process count differs from the recipe
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from rich.markup import escape
+
 from paws_cli.config import Settings
 from paws_cli.data.needs import needs_of
-from paws_cli.methods.sizes import global_sizes
+from paws_cli.method_registry import method_class
+from paws_cli.methods.sizes import GlobalSizes, global_sizes
 from paws_cli.train.process_group import DistContext
 
 
@@ -38,19 +43,44 @@ def describe_globals(settings: Settings, world: int, steps_per_epoch: int, total
             + (f" (+ a labelled sub-batch of {sizes.sub_batch} images)" if sizes.sub_batch else "")
         )
     if sizes.support is not None:
-        lines.append(sizes.support_line())
-    lines.append(
-        f"lr: {o.start_lr} -> {o.lr} over {o.warmup_text()}, cosine to {o.final_lr}; "
-        f"{o.optimizer}, weight decay {o.weight_decay}"
-    )
+        lines.append(labelled_batch_line(sizes) if labelled_only(settings) else sizes.support_line())
+    return lines + schedule_lines(settings, steps_per_epoch, total_steps)
+
+
+def schedule_lines(settings: Settings, steps_per_epoch: int, total_steps: int) -> list[str]:
+    """The learning-rate line and the steps line: the steps the run will take (its schedule's, run.max_steps',
+    or as many as its time budget allows) and what an epoch means for it."""
+    o, run = settings.optim, settings.run
     if o.total_steps is not None:
         epochs = total_steps / steps_per_epoch
-        lines.append(
-            f"steps: {total_steps} (optim.total_steps; {epochs:.3g} epochs of {steps_per_epoch} steps)"
-        )
+        steps = f"steps: {total_steps} (optim.total_steps; {epochs:.3g} epochs of {steps_per_epoch} steps)"
     else:
-        lines.append(f"steps: {steps_per_epoch} per epoch x {o.epochs} epochs = {total_steps}")
-    return lines
+        steps = f"steps: {steps_per_epoch} per epoch x {o.epochs} epochs = {total_steps}"
+    if labelled_only(settings):  # it reads no unlabelled image, yet its epochs are PAWS's
+        steps += (
+            " (epochs as PAWS counts them: passes over the unlabelled images in optim.batch_size batches)"
+        )
+    warmup = o.warmup_text()
+    if run.time_budget_s is not None:  # the schedule is stretched over the budget's time, not its steps
+        warmup = f"the first {_warmup_share(settings, steps_per_epoch, total_steps)} of the time budget"
+        steps = (
+            f"steps: as many as the time budget of {run.time_budget_s:g} s allows (run.time_budget_s; the "
+            f"learning rate follows the share of the budget spent)"
+        )
+    if run.max_steps is not None:
+        steps += f"; this run stops after run.max_steps={run.max_steps} steps at most"
+    lr = (
+        f"lr: {o.start_lr} -> {o.lr} over {warmup}, cosine to {o.final_lr}; "
+        f"{o.optimizer}, weight decay {o.weight_decay}"
+    )
+    return [lr, steps]
+
+
+def _warmup_share(settings: Settings, steps_per_epoch: int, total_steps: int) -> str:
+    """The warm-up as a share of the schedule ('8%'): what a time-budgeted run spends of its budget on it."""
+    o = settings.optim
+    warmup = o.warmup_steps if o.warmup_steps is not None else round((o.warmup_epochs or 0) * steps_per_epoch)
+    return f"{100 * min(warmup, total_steps) / total_steps:.0f}%"
 
 
 def _views_text(settings: Settings) -> str:
@@ -104,3 +134,37 @@ def world_size_warning(settings: Settings, world: int) -> str | None:
         f"rates ({o.start_lr} -> {o.lr} -> {o.final_lr}) are absolute values for the recipe's global batch and "
         f"are used unchanged. {hint}"
     )
+
+
+def method_title(method: str) -> str:
+    """How output names a method: its class's title ('PAWS', 'SemPPL'), else its registered name."""
+    return method_class(method).title or method
+
+
+def labelled_only(settings: Settings) -> bool:
+    """Whether the method trains on labelled images alone (the supervised baseline): no unlabelled batch."""
+    needs = needs_of(settings)
+    return not (needs.unlabelled_views or needs.labels_in_batch or needs.labelled_sub_batch is not None)
+
+
+def start_line(settings: Settings, run_dir: Path) -> str:
+    """The run's first line (rich markup): what trains, and where it writes."""
+    title, where = method_title(settings.method), escape(str(run_dir))
+    if labelled_only(settings):
+        return f"[bold]{title}[/]: training on the labelled images only -> {where}"
+    return f"[bold]{title}[/] pretraining -> {where}"
+
+
+def labelled_batch_line(sizes: GlobalSizes) -> str:
+    """A labelled-only method's batch, all processes: 'global labelled batch: 10 classes x 8 images = 80'."""
+    views = f" x {sizes.support_views} views" if sizes.support_views > 1 else ""
+    return (
+        f"global labelled batch: {sizes.support_classes} classes x {sizes.support_images} images{views} = "
+        f"{sizes.support_total} labelled images per step"
+    )
+
+
+def images_per_step(settings: Settings, world: int) -> tuple[int, str]:
+    """(images a step trains on, all processes; 'unlabelled' or 'labelled'): what images/s counts."""
+    sizes = global_sizes(settings, world)
+    return (sizes.batch, "unlabelled") if sizes.batch else (sizes.support_total, "labelled")

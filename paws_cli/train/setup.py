@@ -22,7 +22,14 @@ from paws_cli.data.view_sizes import fit_views
 from paws_cli.method_registry import method_class
 from paws_cli.methods import Method, create_method
 from paws_cli.optim import StepSchedule, create_optimizer, schedule_lengths
-from paws_cli.train.banner import describe_compute, describe_globals, world_size_warning
+from paws_cli.train.banner import (
+    describe_compute,
+    describe_globals,
+    images_per_step,
+    labelled_only,
+    start_line,
+    world_size_warning,
+)
 from paws_cli.train.guards import BudgetClock, NonFiniteGuard, StopSignals
 from paws_cli.train.process_group import DistContext, barrier, init_distributed, main_first, wrap_model
 from paws_cli.train.progress import TrainProgress
@@ -145,8 +152,9 @@ class Run:
         self.steps_this_session += 1
 
     def speed(self) -> float:
-        """Unlabelled images per second over this session's steps."""
-        images = self.settings.optim.batch_size * self.ctx.world_size * self.steps_this_session
+        """Images per second over this session's steps: unlabelled ones, or labelled ones for a method that
+        reads only those (the supervised baseline)."""
+        images = images_per_step(self.settings, self.ctx.world_size)[0] * self.steps_this_session
         return images / max(self.train_seconds, 1e-9)
 
     def finish(self) -> None:
@@ -291,14 +299,14 @@ def _start_logs(run: Run, *, resumed: bool) -> None:
         data.labelled.tolist(),
         {"dataset": data.name, "source": run.labelled_source},
     )
-    console.print(f"[bold]{settings.method}[/] pretraining -> {run.run_dir}")
+    console.print(start_line(settings, run.run_dir))
     console.print(f"compute: {describe_compute(settings, run.ctx)}")
     console.print(f"data: {data.describe()}; labelled: {run.labelled_source}")
     for note in run.notes:
         style = "yellow" if note.startswith("warning") else None
         console.print(note, style=style, markup=False, highlight=False)
-    if data.supports is not None and needs_of(settings).support is not None:
-        console.print(data.supports.describe())
+    if data.supports is not None and needs_of(settings).support is not None and not labelled_only(settings):
+        console.print(data.supports.describe())  # a labelled-only method's batch has its own line below
     for line in describe_globals(settings, run.ctx.world_size, data.steps_per_epoch, run.total_steps):
         console.print(f"  {line}")
     warning = world_size_warning(settings, run.ctx.world_size)
