@@ -174,3 +174,32 @@ def test_the_folder_back_end_names_image_files_not_jpegs(tmp_path: Path) -> None
     assert (settings.data.dataset, settings.data.format) == ("imagefolder", "folder")
     line = build_train_data(settings, device=torch.device("cpu")).describe()
     assert "image files decoded by PIL in 0 DataLoader workers" in line and "JPEG" not in line
+
+
+def test_the_demo_fits_any_in_memory_dataset(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from paws_cli.demo import fit_to_dataset, short_schedule_note
+
+    arrays = array_dataset(tmp_path / "arrays")  # 3 classes, 12 training images
+    out = io.StringIO()
+    extra, dataset = fit_to_dataset(
+        ["fmnist_demo", "semppl_fmnist_demo"], [f"data.path={arrays}", "supervised.classes_per_batch=2"],
+        Console(file=out, soft_wrap=True),
+    )  # fmt: skip
+    assert dataset.name == "digits"
+    # the recipes ask for 10 labelled classes per step; the one the user gave is left alone
+    assert extra == ["paws.classes_per_batch=3", "semppl.labelled_batch.classes_per_batch=3"]
+    assert "digits has 3 classes" in out.getvalue()
+    # 2.5 epochs of 12 images are 0 steps: the warning gives the recipe's Fashion-MNIST compute in steps
+    assert "optim.total_steps=2342 optim.warmup_steps=187" in out.getvalue()
+    with pytest.raises(ValueError, match=r"paws demo runs on in-memory data.*paws convert-dataset images"):
+        fit_to_dataset(
+            ["fmnist_demo"], [f"data.path={image_folder(tmp_path / 'f')}"], Console(file=io.StringIO())
+        )
+    fmnist = load_settings("fmnist_demo", [], environ=NO_ENV)
+    assert short_schedule_note(fmnist, 60000) is None  # 2342 steps
+    note = short_schedule_note(fmnist, 5000)
+    assert note is not None and "2.5 epochs of 5000 training images are only 195 steps" in note
