@@ -64,6 +64,7 @@ def _logged(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return _expected(run_dir, "metrics.jsonl", "train") | _expected(run_dir, "epochs.jsonl", "epoch")
 
 
+@pytest.mark.slow  # end-to-end training runs (seconds each)
 def test_pretraining_and_finetuning_scalars_equal_the_jsonl(tiny_overrides: list[str]) -> None:
     settings = load_settings("fmnist_demo", [*tiny_overrides, "run.tensorboard=true"], environ={})
     result = train(settings, console=QUIET)
@@ -84,6 +85,7 @@ def test_pretraining_and_finetuning_scalars_equal_the_jsonl(tiny_overrides: list
     _assert_same(_scalars(ft_dir), expected)
 
 
+@pytest.mark.slow  # end-to-end training runs (seconds each)
 def test_resumed_run_shows_each_step_once(tiny_overrides: list[str], tmp_path: Path) -> None:
     """A run killed after step 12 whose last checkpoint is step 8: TensorBoard hides the killed session's
     steps beyond 8 (purge_step), as the JSONL drops them, and shows the resumed values."""
