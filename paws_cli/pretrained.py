@@ -192,7 +192,15 @@ def _from_finetune(path: Path, raw: dict[str, Any]) -> PretrainedWeights:
     model, settings = raw.get("model"), raw.get("settings")
     if not isinstance(model, Mapping) or not isinstance(settings, Mapping):
         raise CheckpointError(f"fine-tuning checkpoint '{path}' has no 'model' weights or 'settings'")
-    renamed = {"backbone.": "backbone.", "head.": "projection.first."}
+    # finetune.keep_projection_layers=1 keeps projection.first as ``head``; more layers keep the head's names
+    # under ``head`` (finetune.model.KeptProjection). The first matching prefix wins.
+    renamed = {
+        "backbone.": "backbone.",
+        "head.first.": "projection.first.",
+        "head.middle.": "projection.middle.",
+        "head.last.": "projection.last.",
+        "head.": "projection.first.",
+    }
     encoder: dict[str, Tensor] = {}
     extra: dict[str, Tensor] = {}
     for key, value in model.items():

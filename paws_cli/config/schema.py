@@ -362,8 +362,8 @@ class FinetuneSettings(Section):
     keep_projection_layers: int = Field(
         1,
         ge=0,
-        le=1,
-        description="Projection layers kept under the classifier (1: Linear+BN+ReLU, as SimCLRv2).",
+        description="Projection layers kept under the classifier (1: Linear+BN+ReLU, as SimCLRv2; "
+        "model.proj_layers: the whole head, whose output PAWS-NN uses when there is no prediction head).",
     )
     crop_scale: tuple[float, float] = Field(
         (0.08, 1.0), description="RandomResizedCrop area range of the fine-tuning augmentation (plus flip)."
@@ -374,9 +374,41 @@ class FinetuneSettings(Section):
         "finetune.val_per_class labelled images per class instead; never the test set.",
     )
     val_per_class: int = Field(
-        2, ge=1, description="Labelled images per class held out for selection when no val_split."
+        2,
+        ge=0,
+        description="Labelled images per class held out for selection when no val_split; 0 trains on every "
+        "labelled image (needs finetune.select=last).",
     )
     eval_every: int = Field(1, ge=1, description="Evaluate on the held-out set every N epochs.")
+    select: Literal["accuracy", "loss", "last"] = Field(
+        "accuracy",
+        description="Which epoch's weights are tested: 'accuracy' the best held-out top-1 (SimCLRv2; ties go to "
+        "the later epoch), 'loss' the lowest held-out cross-entropy, 'last' the final epoch (a fixed "
+        "finetune.epochs chosen beforehand; no held-out images needed).",
+    )
+    backbone_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Learning-rate multiplier of the pretrained layers (backbone and kept projection layers); "
+        "the new classifier trains at finetune.lr. 1: one lr for all (SimCLRv2).",
+    )
+    classifier_init: Literal["zero", "prototypes"] = Field(
+        "zero",
+        description="'zero' (SimCLRv2) or 'prototypes': class c's row is the unit mean of its training images' "
+        "unit features over finetune.prototype_tau (bias 0), so training starts from nearest-prototype "
+        "classification instead of chance (with normalize_features, at PAWS-NN's cosine temperature).",
+    )
+    prototype_tau: float = Field(
+        0.1, gt=0, description="Temperature of classifier_init=prototypes (PAWS-NN's eval.soft_nn_tau is 0.1)."
+    )
+    normalize_features: bool = Field(
+        False,
+        description="L2-normalise the classifier's input (a cosine classifier, as PAWS-NN compares unit "
+        "embeddings); False: SimCLRv2's plain linear classifier.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Label smoothing of the fine-tuning cross-entropy (0 in SimCLRv2)."
+    )
 
 
 class EvalSettings(Section):

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -51,6 +52,7 @@ from paws_cli.data.backends.memory import as_nchw
 from paws_cli.data.datasets.arrays import ArrayDataset
 from paws_cli.data.sampling.batch import step_generator
 from paws_cli.data.splits.files import read_split, resolve_names
+from paws_cli.finetune.model import FinetuneModel
 
 #: Salt of the held-out draw, so it differs from the labelled-subset draw made with the same data.split_seed.
 _HELDOUT_SALT = 0x7E1D
@@ -108,6 +110,19 @@ def make_finetune_splits(
             )
         return FinetuneSplits(
             np.sort(labelled), heldout, f"split file {ft.val_split} ({heldout.size} images)"
+        )
+    if ft.val_per_class == 0:
+        if ft.select != "last":
+            raise ValueError(
+                f"finetune.val_per_class=0 holds no image out, but finetune.select={ft.select} selects the epoch "
+                "on held-out images; set finetune.select=last (a fixed finetune.epochs), hold images out "
+                "(finetune.val_per_class >= 1) or give finetune.val_split"
+            )
+        train = np.sort(labelled)
+        return FinetuneSplits(
+            train,
+            train[:0],
+            f"none held out: all {train.size} labelled images train, the last epoch is tested",
         )
     rng = np.random.default_rng([settings.data.split_seed, _HELDOUT_SALT])
     held: list[np.ndarray] = []
@@ -256,21 +271,28 @@ def evaluate_batches(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager[object]],
 ) -> dict[str, float]:
-    """Top-1/top-5 accuracy (%) over this process's (images, labels) batches, counts summed over processes."""
+    """Top-1/top-5 accuracy (%) and mean cross-entropy (``loss``, for finetune.select=loss) over this process's
+    (images, labels) batches, sums taken over processes."""
     model.eval()
-    counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, images, summed cross-entropy
     for x, y in batches:
         with autocast():
             logits = model(x.to(device, non_blocking=True))
-        ranked = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+        logits = logits.float().cpu()
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = ranked.eq(y.unsqueeze(1))
-        counts += torch.tensor([hits[:, 0].sum().item(), hits.any(dim=1).sum().item(), len(y)])
+        loss = F.cross_entropy(logits.double(), y, reduction="sum").item()
+        counts += torch.tensor([hits[:, 0].sum().item(), hits.any(dim=1).sum().item(), len(y), loss])
     if dist.is_distributed():
         counts = counts.to(device)
         torch_dist.all_reduce(counts)
         counts = counts.cpu()
     total = max(counts[2].item(), 1.0)
-    return {"top1": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total}
+    return {
+        "top1": 100.0 * counts[0].item() / total,
+        "top5": 100.0 * counts[1].item() / total,
+        "loss": counts[3].item() / total,
+    }
 
 
 class _FinetuneKeys:
@@ -402,6 +424,34 @@ class FinetuneData:
             )
         else:
             raise ValueError(f"fine-tuning cannot read {type(data).__name__} data")
+
+    @torch.inference_mode()
+    def features(
+        self, model: FinetuneModel, ids: np.ndarray, autocast: Callable[[], AbstractContextManager[object]]
+    ) -> tuple[Tensor, Tensor]:
+        """(``model.features``, labels) of the train images ``ids``: evaluation transform, eval mode, float32
+        on the CPU, every image on every process (classifier_init=prototypes)."""
+        model.eval()
+        if isinstance(self.data, MemoryEvalData):
+            chosen = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+            batches: Iterable[tuple[Tensor, Tensor]] = (
+                (
+                    eval_transform(
+                        self.images[part].to(self.device), self.mean, self.std,
+                        size=self.geometry.size, resize=self.geometry.resize,
+                    ),
+                    self.labels[part],
+                )
+                for part in chosen.split(self.batch_size)
+            )  # fmt: skip
+        else:
+            batches = self.data.train_batches(np.asarray(ids), self.batch_size)
+        features, labels = [], []
+        for x, y in batches:
+            with autocast():
+                features.append(model.features(x.to(self.device, non_blocking=True)).float().cpu())
+            labels.append(y.cpu())
+        return torch.cat(features), torch.cat(labels)
 
     def score(
         self, model: nn.Module, ids: np.ndarray | None, autocast: Callable[[], AbstractContextManager[object]]

@@ -1,13 +1,20 @@
-"""The network fine-tuned by `paws finetune`: backbone, kept projection layer, new zero-initialised classifier.
+"""The network fine-tuned by `paws finetune`: backbone, kept projection layers, new linear classifier.
 
-SimCLRv2 protocol (spec section 7): keep the backbone and the first projection layer (Linear + BN + ReLU), drop
-the rest of the projection head and the prediction head, add a linear classifier initialised to zero. In
-``linear`` mode the kept layers are frozen *and* stay in eval mode (BatchNorm uses and keeps its running
+SimCLRv2 protocol (spec section 7, the defaults): keep the backbone and the first projection layer (Linear + BN +
+ReLU), drop the rest of the projection head and the prediction head, add a linear classifier initialised to zero.
+In ``linear`` mode the kept layers are frozen *and* stay in eval mode (BatchNorm uses and keeps its running
 statistics), so the probe trains the classifier alone on fixed features.
+
+The small-data protocol of the Fashion-MNIST recipes instead keeps the layers up to the embedding PAWS-NN uses,
+L2-normalises the classifier's input (``normalize``) and starts the classifier from the labelled images' class
+prototypes (``prototype_weights``): before the first step the network is a nearest-prototype classifier over the
+PAWS-NN embedding, which fine-tuning then improves, instead of starting from chance.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from paws_cli.models import PAWSEncoder
@@ -22,10 +29,17 @@ class FinetuneModel(nn.Module):
         feature_dim: width of ``head(backbone(x))``.
         num_classes: classifier outputs.
         frozen: freeze backbone and head and keep them in eval mode (linear probe).
+        normalize: L2-normalise ``head(backbone(x))`` before the classifier (a cosine classifier).
     """
 
     def __init__(
-        self, backbone: nn.Module, head: nn.Module | None, feature_dim: int, num_classes: int, frozen: bool
+        self,
+        backbone: nn.Module,
+        head: nn.Module | None,
+        feature_dim: int,
+        num_classes: int,
+        frozen: bool,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -37,7 +51,7 @@ class FinetuneModel(nn.Module):
         # the pretrained features alone.
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
-        self.frozen = frozen
+        self.frozen, self.normalize = frozen, normalize
         if frozen:
             for module in (self.backbone, self.head):
                 module.requires_grad_(False)
@@ -52,35 +66,101 @@ class FinetuneModel(nn.Module):
         return self
 
     def features(self, x: Tensor) -> Tensor:
-        """The classifier's input for images ``x``."""
-        return self.head(self.backbone(x))
+        """The classifier's input for images ``x`` (unit vectors when ``normalize``)."""
+        features = self.head(self.backbone(x))
+        return F.normalize(features, dim=1) if self.normalize else features
+
+    @torch.no_grad()
+    def init_from_prototypes(self, features: Tensor, labels: Tensor, tau: float) -> None:
+        """Classifier rows = ``prototype_weights(features, labels, tau)`` and zero biases, where ``features``
+        are ``self.features`` of the training images (eval transform, eval mode)."""
+        weight = prototype_weights(features, labels, self.classifier.out_features, tau)
+        self.classifier.weight.copy_(weight.to(self.classifier.weight))
+        self.classifier.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits for images ``x`` (N, C, H, W)."""
         return self.classifier(self.features(x))
 
 
-def build_finetune_model(
-    encoder: PAWSEncoder, num_classes: int, *, keep_projection_layers: int, mode: str
-) -> FinetuneModel:
-    """Keep ``encoder.backbone`` (+ ``encoder.projection.first`` when ``keep_projection_layers == 1``).
+class KeptProjection(nn.Module):
+    """The first ``k >= 2`` Linear layers of a ``ProjectionHead``, under the head's own names (``first``,
+    ``middle``, and ``last`` when the whole head is kept), so a fine-tuning checkpoint's ``head.*`` keys map back
+    to ``projection.*``. The modules are the encoder's (shared, not copied)."""
 
-    The kept modules are shared with ``encoder`` (not copied: a ResNet-50x4 is 1.5 GB), whose other heads are
-    simply not used.
+    def __init__(self, projection: nn.Module, k: int) -> None:
+        super().__init__()
+        self.first = projection.first
+        self.middle = nn.Sequential(*list(projection.middle)[: k - 1])
+        self.last = projection.last if k == projection.num_layers else None
+        self.out_dim = int(projection.out_dim if self.last is not None else projection.hidden_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.middle(self.first(x))
+        return self.last(x) if self.last is not None else x
+
+
+def build_finetune_model(
+    encoder: PAWSEncoder,
+    num_classes: int,
+    *,
+    keep_projection_layers: int,
+    mode: str,
+    normalize: bool = False,
+) -> FinetuneModel:
+    """Keep ``encoder.backbone`` and the first ``keep_projection_layers`` Linear layers of its projection head.
+
+    1 keeps ``encoder.projection.first`` (SimCLRv2); the head's layer count keeps the whole head, whose output
+    is the embedding PAWS-NN uses when there is no prediction head. The kept modules are shared with ``encoder``
+    (not copied: a ResNet-50x4 is 1.5 GB), whose other heads are simply not used.
     """
     if mode not in ("full", "linear"):
         raise ValueError(f"finetune.mode must be 'full' or 'linear', got {mode!r}")
-    if keep_projection_layers not in (0, 1):
-        raise ValueError(f"finetune.keep_projection_layers must be 0 or 1, got {keep_projection_layers!r}")
+    k = keep_projection_layers
+    if not isinstance(k, int) or k < 0:
+        raise ValueError(f"finetune.keep_projection_layers must be 0 or more, got {k!r}")
     head: nn.Module | None = None
     feature_dim = encoder.feature_dim
-    if keep_projection_layers == 1:
-        first = getattr(encoder.projection, "first", None)
-        if first is None:
+    if k >= 1:
+        projection = encoder.projection
+        layers = getattr(projection, "num_layers", 0) if hasattr(projection, "first") else 0
+        if not layers:
             raise ValueError(
                 "the checkpoint's encoder has no projection head to keep a layer of (e.g. the supervised "
                 "baseline); set finetune.keep_projection_layers=0"
             )
-        head = first
-        feature_dim = int(first.fc.out_features)
-    return FinetuneModel(encoder.backbone, head, feature_dim, num_classes, frozen=mode == "linear")
+        if k > layers:
+            raise ValueError(
+                f"finetune.keep_projection_layers={k} but the projection head has {layers} Linear layers "
+                f"(model.proj_layers); use 0 to {layers} ({layers} keeps the whole head)"
+            )
+        if k == 1:
+            head, feature_dim = projection.first, int(projection.first.fc.out_features)
+        else:
+            kept = KeptProjection(projection, k)
+            head, feature_dim = kept, kept.out_dim
+    return FinetuneModel(
+        encoder.backbone, head, feature_dim, num_classes, frozen=mode == "linear", normalize=normalize
+    )
+
+
+def prototype_weights(features: Tensor, labels: Tensor, num_classes: int, tau: float) -> Tensor:
+    """(num_classes, D) rows ``p_c / tau``: ``p_c`` is the unit-length mean of class c's unit-length features.
+
+    On unit-length inputs ``q`` the logits ``q . p_c / tau`` are the cosine similarities to the class prototypes
+    at PAWS-NN's temperature, so the softmax is a nearest-prototype classifier (PAWS-NN is a soft nearest
+    neighbour over the same images). Computed in float64. Raises ValueError when a class has no image.
+    """
+    if tau <= 0:
+        raise ValueError(f"the prototype temperature must be positive, got {tau}")
+    labels = labels.long().cpu()
+    counts = torch.bincount(labels, minlength=num_classes)
+    if len(counts) > num_classes or not bool((counts > 0).all()):
+        missing = [c for c in range(num_classes) if c >= len(counts) or counts[c] == 0]
+        raise ValueError(
+            f"classifier_init=prototypes needs a training image of every class of {num_classes}; classes "
+            f"{missing or 'above the class count'} have none. Use finetune.classifier_init=zero or label them"
+        )
+    unit = F.normalize(features.detach().double().cpu(), dim=1)
+    sums = torch.zeros(num_classes, unit.shape[1], dtype=torch.float64).index_add_(0, labels, unit)
+    return F.normalize(sums, dim=1) / tau

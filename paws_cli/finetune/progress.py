@@ -34,10 +34,21 @@ def pretrained_text(weights: PretrainedWeights) -> str:
 
 
 def selection_text(result: FinetuneResult) -> str:
-    """'selected epoch 37 of 50 by held-out top-1 (85.00% on 20 images); test top-1 81.12%', or '' before the end."""
-    if result.selected_epoch is None or result.heldout_top1 is None:
+    """'selected epoch 37 of 50 by held-out top-1 (85.00% on 20 images); test top-1 81.12%' (finetune.select=loss:
+    'by held-out loss'; select=last: 'the last epoch (50) of 50, trained on all 100 labelled images; ...'), or ''
+    before the end."""
+    if result.selected_epoch is None:
         return ""
+    test = f"test top-1 {result.test_top1 or 0.0:.2f}%"
+    if result.select == "last":
+        return (
+            f"the last epoch ({result.selected_epoch}) of {result.epochs:g}, trained on {result.train_images} "
+            f"labelled images; {test}"
+        )
+    if result.heldout_top1 is None:
+        return ""
+    by = "held-out loss (top-1 " if result.select == "loss" else "held-out top-1 ("
     return (
-        f"selected epoch {result.selected_epoch} of {result.epochs:g} by held-out top-1 ({result.heldout_top1:.2f}% "
-        f"on {result.heldout_images} images); test top-1 {result.test_top1 or 0.0:.2f}%"
+        f"selected epoch {result.selected_epoch} of {result.epochs:g} by {by}{result.heldout_top1:.2f}% "
+        f"on {result.heldout_images} images); {test}"
     )

@@ -27,6 +27,7 @@ class FinetuneResult:
     steps: int
     complete: bool
     train_seconds: float
+    select: str = "accuracy"  # finetune.select: how the tested epoch was chosen ('last': no held-out images)
     selected_epoch: int | None = None
     heldout_top1: float | None = None
     heldout_top5: float | None = None
@@ -49,11 +50,13 @@ def finetune_table(result: FinetuneResult) -> Table:
         return "-" if value is None else f"{value:.2f}"
 
     epoch = "-" if result.selected_epoch is None else str(result.selected_epoch)
-    table.add_row(
-        f"held-out (selection, epoch {epoch})",
-        str(result.heldout_images),
-        fmt(result.heldout_top1),
-        fmt(result.heldout_top5),
-    )
+    if result.heldout_images:
+        role = "selection" if result.select != "last" else "not used to select"
+        table.add_row(
+            f"held-out ({role}, epoch {epoch})",
+            str(result.heldout_images),
+            fmt(result.heldout_top1),
+            fmt(result.heldout_top5),
+        )
     table.add_row("test", str(result.test_images), fmt(result.test_top1), fmt(result.test_top5))
     return table

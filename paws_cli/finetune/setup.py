@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,14 +126,41 @@ class FinetuneRun:
                 writer.close()
 
 
-def create_finetune_optimizer(model: torch.nn.Module, settings: Settings) -> torch.optim.Optimizer:
-    """SGD over the trainable parameters; weight decay (0 in the protocol) skips biases and norm layers."""
+def create_finetune_optimizer(model: FinetuneModel, settings: Settings) -> torch.optim.Optimizer:
+    """SGD over the trainable parameters; weight decay (0 in the protocol) skips biases and norm layers.
+
+    With finetune.backbone_lr_scale != 1 the pretrained layers' groups carry ``lr_scale`` (read by
+    ``FinetuneSchedule``) and the classifier's groups come first; with 1, the two groups of SimCLRv2's protocol.
+    """
     ft = settings.finetune
-    decayed, excluded = split_decay_params(model)  # only parameters that require a gradient
-    groups = [{"params": decayed, "weight_decay": ft.weight_decay}, {"params": excluded, "weight_decay": 0.0}]
+    parts: list[tuple[torch.nn.Module, float]] = [(model, 1.0)]
+    if ft.backbone_lr_scale != 1.0:
+        parts = [
+            (model.classifier, 1.0),
+            (torch.nn.ModuleList([model.backbone, model.head]), ft.backbone_lr_scale),
+        ]
+    groups = []
+    for module, scale in parts:
+        decayed, excluded = split_decay_params(module)  # only parameters that require a gradient
+        extra = {"lr_scale": scale} if scale != 1.0 else {}
+        groups += [
+            {"params": decayed, "weight_decay": ft.weight_decay, **extra},
+            {"params": excluded, "weight_decay": 0.0, **extra},
+        ]
     return torch.optim.SGD(
         [g for g in groups if g["params"]], lr=ft.lr, momentum=ft.momentum, nesterov=ft.nesterov
     )
+
+
+class FinetuneSchedule(StepSchedule):
+    """The shared schedule, each group's lr then multiplied by its ``lr_scale`` (finetune.backbone_lr_scale)."""
+
+    def set(self, step: int) -> float:
+        """Set every group's lr for ``step`` and return the schedule's (the classifier's) lr."""
+        lr = super().set(step)  # every group at the unscaled value (the groups share one peak lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
 
 
 def schedule_settings(settings: Settings) -> OptimSettings:
@@ -223,16 +251,20 @@ def _build(
         dataset.num_classes,
         keep_projection_layers=ft.keep_projection_layers,
         mode=ft.mode,
+        normalize=ft.normalize_features,
     ).to(ctx.device)
     if settings.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     data = FinetuneData(
         settings, dataset, splits.train, device=ctx.device, world_size=ctx.world_size, rank=ctx.rank
     )
+    if ft.classifier_init == "prototypes":  # a resumed run's checkpoint then replaces these weights
+        autocast = partial(autocast_for, ctx.device, settings.run.precision)
+        model.init_from_prototypes(*data.features(model, splits.train, autocast), ft.prototype_tau)
     spe = data.batches.steps_per_epoch
     total = max(round(ft.epochs * spe), 1)
     optimizer = create_finetune_optimizer(model, settings)
-    schedule = StepSchedule(optimizer, schedule_settings(settings), total, spe)
+    schedule = FinetuneSchedule(optimizer, schedule_settings(settings), total, spe)
     wrapped = wrap_model(model, ctx, settings.model)
     scaler = make_grad_scaler(ctx.device, settings.run.precision)
     return FinetuneRun(
@@ -306,7 +338,10 @@ def _start_logs(run: FinetuneRun, *, resumed: bool) -> None:
     write_resolved_config(run.run_dir, run.settings)
     name, splits = run.dataset.name, run.splits
     write_split(run.run_dir / "train.txt", splits.train.tolist(), {"dataset": name, "role": "finetune-train"})
-    write_split(run.run_dir / "heldout.txt", splits.heldout.tolist(), {"dataset": name, "role": "selection"})
+    if len(splits.heldout):  # finetune.val_per_class=0 holds none out
+        write_split(
+            run.run_dir / "heldout.txt", splits.heldout.tolist(), {"dataset": name, "role": "selection"}
+        )
     for line in _banner(run):
         run.console.print(line)
     run.step_log, run.epoch_log = open_metric_logs(
@@ -327,11 +362,38 @@ def _banner(run: FinetuneRun) -> list[str]:
         lines.append(
             "[yellow]note:[/] this labelled subset differs from the one the checkpoint was pretrained with"
         )
-    lines.append(f"selection: {run.splits.description}; the test set is used once, for the selected epoch")
+    lines.append(
+        f"selection ({SELECT_TEXT[ft.select]}): {run.splits.description}; the test set is used once, for the "
+        "selected epoch"
+    )
     lines.append(
         f"  {run.ctx.world_size} process(es), global batch {batches.global_batch}; {run.steps_per_epoch} steps "
         f"per epoch x {ft.epochs} epochs = {run.total_steps}; SGD lr {ft.lr} cosine to 0, momentum "
         f"{ft.momentum}{' (Nesterov)' if ft.nesterov else ''}, weight decay {ft.weight_decay}; crop scale "
         f"{ft.crop_scale}"
     )
+    if (
+        ft.backbone_lr_scale != 1.0
+        or ft.classifier_init != "zero"
+        or ft.normalize_features
+        or ft.label_smoothing
+    ):
+        lines.append(
+            f"  classifier on {run.model.classifier.in_features}-d "
+            f"{'unit ' if ft.normalize_features else ''}features, initialised "
+            + (
+                f"from the class prototypes (tau {ft.prototype_tau})"
+                if ft.classifier_init == "prototypes"
+                else "to 0"
+            )
+            + f"; pretrained layers at {ft.backbone_lr_scale:g} x lr; label smoothing {ft.label_smoothing:g}"
+        )
     return lines
+
+
+#: How finetune.select picks the tested epoch, for the banner.
+SELECT_TEXT = {
+    "accuracy": "best held-out top-1",
+    "loss": "lowest held-out loss",
+    "last": "the last epoch",
+}

@@ -107,7 +107,7 @@ def train_one_epoch(run: FinetuneRun, epoch: int) -> bool:
         lr = run.schedule.set(run.step)
         with run.autocast():
             logits = run.wrapped(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=settings.finetune.label_smoothing)
         # One collective decides for every process: any loss non-finite, a stop signal.
         bad, signalled = max_over_processes(
             [(~torch.isfinite(loss.detach())).double(), run.signals.requested]
@@ -166,20 +166,34 @@ def _end_epoch(run: FinetuneRun, epoch: int, lr: float) -> None:
 
 
 def _select(run: FinetuneRun, epoch: int) -> dict[str, float]:
-    """Score the held-out set; the best epoch so far (a tie goes to the later one) has its weights in best.pt."""
-    held = run.score(run.splits.heldout)
-    # a tie goes to the later epoch (further along the schedule; small held-out sets tie often)
-    if run.best is None or held["top1"] >= run.best["heldout_top1"]:
-        run.best = {
-            "epoch": epoch,
-            "step": run.step,
-            "heldout_top1": held["top1"],
-            "heldout_top5": held["top5"],
-        }
+    """Score the held-out set (if any); when ``is_better`` says so (finetune.select), this epoch's weights go to
+    best.pt."""
+    held = run.score(run.splits.heldout) if len(run.splits.heldout) else None
+    scores = {} if held is None else {"heldout_top1": held["top1"], "heldout_top5": held["top5"]}
+    if held is not None:
+        scores["heldout_loss"] = held["loss"]
+    if is_better(run.settings.finetune.select, scores, run.best):
+        run.best = {"epoch": epoch, "step": run.step, **scores}
         if run.is_main:
             best = {**_checkpoint_state(run, epoch_done=True), "optimizer": None, "selection": run.best}
             save_checkpoint(run.run_dir / BEST, best)
-    return {"heldout_top1": held["top1"], "heldout_top5": held["top5"]}
+    return scores
+
+
+def is_better(select: str, scores: dict[str, float], best: dict[str, float] | None) -> bool:
+    """Whether an epoch with held-out ``scores`` replaces ``best`` (the selected epoch so far, None at first).
+
+    'accuracy': held-out top-1 at least as high (a tie goes to the later epoch, further along the schedule; small
+    held-out sets tie often); 'loss': held-out cross-entropy strictly lower (the earliest minimum); 'last': every
+    scored epoch replaces the previous one, so the final epoch is tested.
+    """
+    if best is None or select == "last":
+        return True
+    if select == "accuracy":
+        return scores["heldout_top1"] >= best["heldout_top1"]
+    if select == "loss":
+        return scores["heldout_loss"] < best["heldout_loss"]
+    raise ValueError(f"finetune.select must be 'accuracy', 'loss' or 'last', got {select!r}")
 
 
 def _checkpoint_state(run: FinetuneRun, *, epoch_done: bool) -> dict[str, Any]:
@@ -259,6 +273,7 @@ def _finish(run: FinetuneRun) -> FinetuneResult:
         heldout_source=splits.description,
         test_images=len(run.dataset.query_labels),
         epochs=ft.epochs,
+        select=ft.select,
         steps=run.step,
         complete=run.step == run.total_steps,
         train_seconds=run.train_seconds(),
@@ -269,7 +284,7 @@ def _finish(run: FinetuneRun) -> FinetuneResult:
         load_state_strict(run.model, load_checkpoint(run_dir / BEST)["model"], str(run_dir / BEST))
         test = run.score(None)
         result.selected_epoch = int(run.best["epoch"])
-        result.heldout_top1, result.heldout_top5 = run.best["heldout_top1"], run.best["heldout_top5"]
+        result.heldout_top1, result.heldout_top5 = run.best.get("heldout_top1"), run.best.get("heldout_top5")
         result.test_top1, result.test_top5 = test["top1"], test["top5"]
     if run.is_main:
         atomic_write_text(run_dir / RESULTS, json.dumps(result.as_dict(), indent=2) + "\n")

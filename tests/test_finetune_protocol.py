@@ -1,0 +1,222 @@
+"""The small-data fine-tuning protocol (issue 15): a classifier started from the class prototypes of the PAWS-NN
+embedding, a smaller lr for the pretrained layers, selection by held-out loss or none (the last epoch), label
+smoothing; and SimCLRv2's protocol unchanged by default."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from paws_cli.config import load_settings
+from paws_cli.config.schema import FinetuneSettings
+from paws_cli.data.augment.views import eval_transform
+from paws_cli.data.backends.memory import as_nchw
+from paws_cli.data.datasets.arrays import load_array_dataset
+from paws_cli.finetune.model import build_finetune_model, prototype_weights
+from paws_cli.finetune.progress import selection_text
+from paws_cli.finetune.setup import FinetuneRun, set_up
+from paws_cli.finetune.train import is_better, run_finetune
+from paws_cli.methods.paws import PAWSModel
+from paws_cli.models import PAWSEncoder, create_encoder
+from paws_cli.pretrained import load_pretrained, resolve_settings
+from paws_cli.train.checkpoint_io import load_checkpoint, save_checkpoint
+from paws_cli.train.rundir import release_run_dir, run_dir_of
+
+QUIET = Console(quiet=True)
+FT = ["finetune.batch_size=4", "finetune.epochs=2", "finetune.lr=0.05", "run.num_threads=1"]
+SMALL_DATA = [
+    "finetune.keep_projection_layers=2",
+    "finetune.normalize_features=true",
+    "finetune.classifier_init=prototypes",
+    "finetune.backbone_lr_scale=0.1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _encoder(pred: int | None = None, layers: int = 2) -> PAWSEncoder:
+    torch.manual_seed(0)
+    encoder = create_encoder("cnn_w16", 1, 64, 64, layers, pred)
+    with torch.no_grad():  # non-trivial BatchNorm statistics: eval mode must matter
+        for name, tensor in encoder.state_dict().items():
+            if name.endswith("running_mean"):
+                tensor.copy_(torch.randn(tensor.shape) * 0.1)
+    return encoder.eval()
+
+
+@pytest.fixture()
+def pretrained(tiny_overrides: list[str], tmp_path: Path) -> Path:
+    """A toolkit pretraining checkpoint (random cnn_w16 encoder) of the tiny dataset's settings."""
+    settings = load_settings("fmnist_demo", tiny_overrides, environ={})
+    payload = {
+        "method": "paws",
+        "settings": settings.model_dump(mode="json"),
+        "model": PAWSModel(_encoder()).state_dict(),
+    }
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    return save_checkpoint(tmp_path / "runs" / "tiny" / "checkpoint.pt", payload)
+
+
+def _set_up(checkpoint: Path, overrides: list[str]) -> FinetuneRun:
+    weights = load_pretrained(checkpoint)
+    settings, _ = resolve_settings(weights, None, [*FT, *overrides], environ={}, new_run=True)
+    return set_up(settings, weights, resume=False, overwrite=False, console=QUIET, name="tiny_finetune")
+
+
+def _reference_prototype_probs(
+    queries: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """Nearest-prototype class probabilities in float64, written out: unit embeddings, per-class mean, unit
+    prototypes, softmax of cosine / tau."""
+    q = queries.double() / queries.double().norm(dim=1, keepdim=True)
+    b = bank.double() / bank.double().norm(dim=1, keepdim=True)
+    protos = []
+    for c in range(int(labels.max()) + 1):
+        mean = b[labels == c].mean(dim=0)
+        protos.append(mean / mean.norm())
+    return torch.softmax(q @ torch.stack(protos).T / tau, dim=1)
+
+
+def test_prototype_init_starts_as_nearest_prototype_on_the_paws_nn_embedding() -> None:
+    encoder = _encoder()
+    gen = torch.Generator().manual_seed(1)
+    bank_x, queries_x = torch.randn(12, 1, 16, 16, generator=gen), torch.randn(7, 1, 16, 16, generator=gen)
+    labels = torch.tensor([0, 1, 2] * 4)
+    with torch.no_grad():  # PAWS-NN's embedding: the whole projection head (no prediction head here)
+        bank, queries = encoder.embed(bank_x, "projection"), encoder.embed(queries_x, "projection")
+    expected = _reference_prototype_probs(queries, bank, labels, tau=0.1)
+
+    model = build_finetune_model(encoder, 3, keep_projection_layers=2, mode="full", normalize=True).eval()
+    with torch.no_grad():
+        model.init_from_prototypes(model.features(bank_x), labels, tau=0.1)
+        probs = torch.softmax(model(queries_x).double(), dim=1)
+    assert torch.allclose(probs, expected, atol=1e-5)
+    assert torch.equal(probs.argmax(1), expected.argmax(1))
+    assert not model.classifier.bias.any()
+    # rows are unit prototypes over tau, computed in float64
+    weight = prototype_weights(bank, labels, 3, tau=0.5)
+    assert weight.dtype == torch.float64 and torch.allclose(
+        weight.norm(dim=1), torch.full((3,), 2.0, dtype=torch.float64)
+    )
+    with pytest.raises(ValueError, match="classes \\[3\\] have none"):
+        prototype_weights(bank, labels, 4, tau=0.1)
+
+
+def test_run_starts_from_the_training_images_prototypes(pretrained: Path, tiny_dataset: Path) -> None:
+    run = _set_up(pretrained, SMALL_DATA)
+    try:
+        data = load_array_dataset(tiny_dataset)
+        ids = torch.as_tensor(run.splits.train)
+        x = eval_transform(as_nchw(data.train_images)[ids], data.mean, data.std)
+        encoder = load_pretrained(pretrained).build_encoder()
+        with torch.no_grad():
+            bank = encoder.embed(x, "projection")
+        labels = torch.as_tensor(np.asarray(data.train_labels))[ids]
+        expected = _reference_prototype_probs(bank, bank, labels, tau=run.settings.finetune.prototype_tau)
+        run.model.eval()
+        with torch.no_grad():
+            probs = torch.softmax(run.model(x).double(), dim=1)
+        assert torch.allclose(probs, expected, atol=1e-5)
+    finally:
+        release_run_dir(run_dir_of(run.settings, "tiny_finetune"))
+
+
+def test_backbone_lr_scale_reaches_the_optimiser_groups(pretrained: Path) -> None:
+    run = _set_up(pretrained, SMALL_DATA)
+    try:
+        classifier = {id(p) for p in run.model.classifier.parameters()}
+        pretrained_ids = {id(p) for p in (*run.model.backbone.parameters(), *run.model.head.parameters())}
+        total = run.total_steps
+        for step in (0, 3, total - 2):
+            peak = 0.5 * 0.05 * (1 + math.cos(math.pi * step / (total - 1)))
+            assert run.schedule.set(step) == pytest.approx(peak, abs=1e-12)
+            seen = set()
+            for group in run.optimizer.param_groups:
+                ids = {id(p) for p in group["params"]}
+                seen |= ids
+                if ids <= classifier:
+                    assert group["lr"] == pytest.approx(peak, abs=1e-12)
+                else:
+                    assert ids <= pretrained_ids and group["lr"] == pytest.approx(0.1 * peak, abs=1e-12)
+            assert seen == classifier | pretrained_ids  # every trainable parameter, each in one group
+    finally:
+        release_run_dir(run_dir_of(run.settings, "tiny_finetune"))
+
+
+def test_selection_rules_on_a_hand_made_sequence() -> None:
+    losses = [0.9, 0.5, 0.7, 0.5, 0.8]
+    top1 = [50.0, 70.0, 80.0, 80.0, 60.0]
+
+    def selected(select: str) -> int:
+        best = None
+        for epoch, (loss, acc) in enumerate(zip(losses, top1, strict=True), start=1):
+            scores = {"heldout_loss": loss, "heldout_top1": acc}
+            if is_better(select, scores, best):
+                best = {"epoch": epoch, **scores}
+        assert best is not None
+        return int(best["epoch"])
+
+    assert selected("loss") == 2  # the (earliest) argmin of the held-out loss
+    assert selected("accuracy") == 4  # the best top-1, the later of tied epochs
+    assert selected("last") == 5
+
+
+def test_no_held_out_images_train_on_all_and_test_the_last_epoch(pretrained: Path) -> None:
+    weights = load_pretrained(pretrained)
+    base = [*FT, *SMALL_DATA, "finetune.val_per_class=0"]
+    settings, _ = resolve_settings(weights, None, base, environ={}, new_run=True)
+    with pytest.raises(ValueError, match=r"finetune\.select=last"):
+        run_finetune(settings, weights, console=QUIET, default_name="tiny_finetune")
+    settings, _ = resolve_settings(
+        weights,
+        None,
+        [*base, "finetune.select=last", "finetune.label_smoothing=0.1"],
+        environ={},
+        new_run=True,
+    )
+    result = run_finetune(settings, weights, console=QUIET, default_name="tiny_finetune", overwrite=True)
+    assert result.heldout_images == 0 and result.train_images == 16 and result.select == "last"
+    assert result.selected_epoch == 2 and result.heldout_top1 is None and result.test_top1 is not None
+    assert selection_text(result).startswith(
+        "the last epoch (2) of 2, trained on 16 labelled images; test top-1"
+    )
+    last, best = load_checkpoint(result.checkpoint), load_checkpoint(result.best_checkpoint)
+    for key, value in last["model"].items():
+        assert torch.equal(value, best["model"][key]), key
+    # the kept projection head maps back to the encoder's names
+    assert set(load_pretrained(result.best_checkpoint).part("projection.")) == {
+        k[len("projection.") :] for k in _encoder().state_dict() if k.startswith("projection.")
+    }
+
+
+def test_defaults_keep_simclrv2s_protocol(pretrained: Path) -> None:
+    ft = FinetuneSettings()
+    assert (ft.keep_projection_layers, ft.classifier_init, ft.normalize_features) == (1, "zero", False)
+    assert (ft.backbone_lr_scale, ft.select, ft.label_smoothing, ft.lr, ft.epochs) == (
+        1.0,
+        "accuracy",
+        0.0,
+        0.02,
+        50,
+    )
+    run = _set_up(pretrained, [])
+    try:
+        assert not run.model.classifier.weight.any() and not run.model.normalize
+        groups = run.optimizer.param_groups
+        assert len(groups) == 2 and not any("lr_scale" in g for g in groups)
+        run.schedule.set(1)
+        assert groups[0]["lr"] == groups[1]["lr"]
+    finally:
+        release_run_dir(run_dir_of(run.settings, "tiny_finetune"))
