@@ -399,7 +399,9 @@ class FinetuneSettings(Section):
         "classification instead of chance (with normalize_features, at PAWS-NN's cosine temperature).",
     )
     prototype_tau: float = Field(
-        0.1, gt=0, description="Temperature of classifier_init=prototypes (PAWS-NN's eval.soft_nn_tau is 0.1)."
+        0.1,
+        gt=0,
+        description="Temperature of classifier_init=prototypes (PAWS-NN's eval.soft_nn_tau is 0.1).",
     )
     normalize_features: bool = Field(
         False,

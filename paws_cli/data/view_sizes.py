@@ -31,7 +31,9 @@ def native_size(data: DataSettings) -> tuple[int, int] | None:
     if data.path is None:
         return None
     try:
-        shape = json.loads((Path(data.path).expanduser() / "meta.json").read_text(encoding="utf-8"))["image_shape"]
+        shape = json.loads((Path(data.path).expanduser() / "meta.json").read_text(encoding="utf-8"))[
+            "image_shape"
+        ]
         return int(shape[0]), int(shape[1])
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None  # not a readable array dataset: loading it says why
