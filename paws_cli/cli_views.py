@@ -58,10 +58,10 @@ def recipes_view(width: int) -> RenderableType:
     """`paws recipes ls`: a table on a wide console, else a block per recipe."""
     from paws_cli.reproduce.recipe_table import listed_recipes, recipe_row
 
-    headers = ("name", "model", "labels", "world", "batch", "support", "epochs")
+    headers = ("name", "model", "labels", "world", "batch", "support", "training")
     rows = [recipe_row(name) for name in listed_recipes()]
     cells = [
-        (r.name, r.model, r.labels, str(r.world_size), str(r.global_batch), r.global_support, f"{r.epochs:g}")
+        (r.name, r.model, r.labels, str(r.world_size), str(r.global_batch), r.global_support, r.schedule)
         for r in rows
     ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
@@ -69,7 +69,7 @@ def recipes_view(width: int) -> RenderableType:
         table = Table(title=RECIPES_TITLE)
         for col in headers:
             table.add_column(
-                col, justify="right" if col in ("world", "batch", "epochs") else "left", no_wrap=True
+                col, justify="right" if col in ("world", "batch", "training") else "left", no_wrap=True
             )
         table.add_column("description", min_width=MIN_DESCRIPTION, ratio=1, overflow="fold")
         for row, cell in zip(rows, cells, strict=True):
@@ -83,7 +83,7 @@ def recipes_view(width: int) -> RenderableType:
             f"world {c[3]}",
             f"batch {c[4]}",
             f"support {r.global_support}",
-            f"{c[6]} epochs",
+            r.schedule,
         ]
         blocks.append(Text(""))
         blocks.append(

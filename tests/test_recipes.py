@@ -168,16 +168,24 @@ def test_every_recipe_validates_and_bases_are_not_listed() -> None:
 
 def test_recipe_rows_show_global_numbers() -> None:
     row = recipe_row("r50_10pct_8gpu")
-    assert (row.model, row.labels, row.world_size, row.global_batch, row.global_support, row.epochs) == (
+    assert (row.model, row.labels, row.world_size, row.global_batch, row.global_support, row.schedule) == (
         "resnet50",
         "10%",
         8,
         256,
         "560 x 3",
-        100,
+        "100 epochs",
     )
     assert recipe_row("wrn28x2_cifar10_4000").global_support == "10 x 64 x 2 views"
     assert recipe_row("fmnist_demo").labels == "10 per class"
+
+
+def test_a_schedule_in_steps_is_listed_in_steps() -> None:
+    from paws_cli.reproduce.recipe_table import schedule_text
+
+    steps = load_settings("fmnist_demo", ["optim.total_steps=2000", "optim.warmup_steps=100"], environ={})
+    assert schedule_text(steps) == "2000 steps"
+    assert schedule_text(load_settings("fmnist_60pc", [], environ={})).endswith(" epochs")
 
 
 def test_recipes_ls_table() -> None:
@@ -186,7 +194,7 @@ def test_recipes_ls_table() -> None:
     lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.startswith("│")}
     assert "_imagenet_base" not in lines
     r50 = [cell.strip() for cell in lines["r50_1pct"].split("│")[1:-1]]
-    assert r50[:7] == ["r50_1pct", "resnet50", "1%", "64", "4096", "960 x 7", "100"]
+    assert r50[:7] == ["r50_1pct", "resnet50", "1%", "64", "4096", "960 x 7", "100 epochs"]
     shown = CliRunner().invoke(app, ["recipes", "show", "r50x2_1pct"])
     assert shown.exit_code == 0 and "backbone: resnet50x2" in shown.output
 

@@ -27,7 +27,7 @@ class RecipeRow:
     world_size: int
     global_batch: int
     global_support: str
-    epochs: float
+    schedule: str  # '100 epochs' or '2342 steps': what the recipe's optim section gives
     description: str
 
 
@@ -71,6 +71,12 @@ def labels_text(settings: Settings) -> str:
     return f"{d.labels_per_class} per class"
 
 
+def schedule_text(settings: Settings) -> str:
+    """The training length as the recipe states it: in epochs, or in steps (optim.total_steps)."""
+    o = settings.optim
+    return f"{o.epochs:g} epochs" if o.epochs is not None else f"{o.total_steps} steps"
+
+
 def recipe_row(name: str) -> RecipeRow:
     """The listing row of one recipe."""
     s = load_for_listing(name)
@@ -82,6 +88,6 @@ def recipe_row(name: str) -> RecipeRow:
         world_size=s.world_size,
         global_batch=s.optim.batch_size * s.world_size,
         global_support=support,
-        epochs=s.optim.epochs,
+        schedule=schedule_text(s),
         description=recipe_description(name),
     )
