@@ -14,7 +14,6 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from paws_cli import cli_convert
 from paws_cli.config import (
@@ -224,106 +223,7 @@ convert_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(convert_app, name="convert-dataset")
-cli_convert.register(convert_app, user_errors, console)  # `images` and `arrays`: your own data
-
-
-@convert_app.command("fashion-mnist")
-@user_errors
-def convert_dataset(
-    out: Annotated[Path, typer.Argument(help="Output directory of the converted dataset.")],
-    root: Annotated[
-        Path | None, typer.Option(help="Folder with the raw files (default: Debian's dataset-fashion-mnist).")
-    ] = None,
-) -> None:
-    """Convert Fashion-MNIST into the toolkit's on-disk array format."""
-    from data_tools.convert import convert_dataset as convert
-    from paws_cli.data.datasets.arrays import load_array_dataset
-
-    path = convert("fashion-mnist", out, root)
-    ds = load_array_dataset(path)
-    console.print(
-        f"wrote {path}: {len(ds.train_labels)} train / {len(ds.test_labels)} test images, {ds.num_classes} classes, "
-        f"mean {[round(m, 4) for m in ds.mean]} std {[round(s, 4) for s in ds.std]}"
-    )
-
-
-@convert_app.command("imagefolder")
-@user_errors
-def convert_imagefolder_cmd(
-    src: Annotated[
-        Path, typer.Argument(help="ImageFolder root: one folder per class (e.g. imagenet/train).")
-    ],
-    out: Annotated[
-        Path,
-        typer.Argument(
-            help="Output .beton; its sidecar index OUT.beton.index.json (e.g. train.beton.index.json) goes beside it."
-        ),
-    ],
-    max_resolution: Annotated[
-        int, typer.Option(help="Longer side of the stored images (FFCV RGBImageField); 0 keeps every size.")
-    ] = 512,
-    jpeg_quality: Annotated[int, typer.Option(help="JPEG quality of re-encoded images (1-100).")] = 90,
-    write_mode: Annotated[
-        str,
-        typer.Option(
-            help="raw (pixels), jpg (JPEG), smart (JPEG above --smart-threshold raw bytes, else raw) or "
-            "proportion (JPEG with --compress-probability)."
-        ),
-    ] = "jpg",
-    compress_probability: Annotated[
-        float, typer.Option(help="write-mode proportion: probability that an image is stored as JPEG.")
-    ] = 0.5,
-    smart_threshold: Annotated[
-        int | None,
-        typer.Option(
-            help="write-mode smart: raw bytes above which an image is stored as JPEG (default 196608)."
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Worker processes for checking and writing (default: all cores).")
-    ] = None,
-    on_bad_file: Annotated[
-        str,
-        typer.Option(
-            help="Unreadable image: skip (listed in the report and the index) or stop with an error."
-        ),
-    ] = "skip",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT and its index.")] = False,
-) -> None:
-    """Convert an ImageFolder (ImageNet layout) into an FFCV .beton plus its sidecar index."""
-    from data_tools.convert_imagefolder import convert_imagefolder
-
-    result = convert_imagefolder(
-        src,
-        out,
-        max_resolution=max_resolution,
-        jpeg_quality=jpeg_quality,
-        write_mode=write_mode,
-        compress_probability=compress_probability,
-        smart_threshold=smart_threshold,
-        workers=workers,
-        on_bad_file=on_bad_file,
-        overwrite=overwrite,
-        progress=True,
-        console=err_console,
-    )
-    console.print(
-        f"wrote {result.beton}: {result.num_images} images, {len(result.classes)} classes, "
-        f"{result.beton_bytes / 2**20:.1f} MiB (write mode {write_mode}, max side {max_resolution or 'kept'}) "
-        f"in {result.seconds:.1f} s; index {result.sidecar}",
-        markup=False,  # file names may hold [brackets]
-    )
-    if result.skipped:
-        from rich.text import Text
-
-        table = Table("skipped file", "reason", title=f"{len(result.skipped)} unreadable file(s) skipped")
-        for entry in result.skipped[:20]:
-            table.add_row(Text(entry["file"]), Text(entry["reason"]))
-        console.print(table)
-        if len(result.skipped) > 20:
-            console.print(
-                f"... and {len(result.skipped) - 20} more; all are listed under 'skipped' in the index"
-            )
+cli_convert.register(convert_app, user_errors, console, err_console)  # its four commands
 
 
 @app.command("make-splits")

@@ -1,4 +1,4 @@
-"""`paws convert-dataset images|arrays`: your own data into the in-memory array format (registered by cli.py).
+"""`paws convert-dataset`: images, arrays, fashion-mnist and imagefolder (registered by cli.py).
 
 The conversion itself is :mod:`data_tools.convert_images`; this module reads the options and prints the report:
 what was written (images, classes, size, channels, where the test split came from), every note of the
@@ -13,11 +13,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from data_tools.convert_images import DEFAULT_TEST_FRACTION, Converted
 
 #: Where the commands print (set by :func:`register` to the CLI's console).
 console = Console(soft_wrap=True)
+err_console = Console(stderr=True)
 
 IMAGES_HELP = (
     "Your own images, one sub-folder per class (PNG, JPEG, BMP, ...), into the in-memory array format.\n\n"
@@ -127,9 +129,106 @@ def convert_arrays_cmd(
     report(convert_arrays(npz, out, test_fraction=test_fraction, seed=seed, name=name), console)
 
 
-def register(convert_app: typer.Typer, user_errors: Callable[[Any], Any], out: Console) -> None:
-    """Add the `images` and `arrays` commands to the `convert-dataset` sub-app; they print to ``out``."""
-    global console
-    console = out
+def convert_fashion_mnist_cmd(
+    out: Annotated[Path, typer.Argument(help="Output directory of the converted dataset.")],
+    root: Annotated[
+        Path | None, typer.Option(help="Folder with the raw files (default: Debian's dataset-fashion-mnist).")
+    ] = None,
+) -> None:
+    """Convert Fashion-MNIST into the toolkit's on-disk array format."""
+    from data_tools.convert import convert_dataset as convert
+    from paws_cli.data.datasets.arrays import load_array_dataset
+
+    path = convert("fashion-mnist", out, root)
+    ds = load_array_dataset(path)
+    console.print(
+        f"wrote {path}: {len(ds.train_labels)} train / {len(ds.test_labels)} test images, {ds.num_classes} classes, "
+        f"mean {[round(m, 4) for m in ds.mean]} std {[round(s, 4) for s in ds.std]}"
+    )
+
+
+def convert_imagefolder_cmd(
+    src: Annotated[
+        Path, typer.Argument(help="ImageFolder root: one folder per class (e.g. imagenet/train).")
+    ],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            help="Output .beton; its sidecar index OUT.beton.index.json (e.g. train.beton.index.json) goes beside it."
+        ),
+    ],
+    max_resolution: Annotated[
+        int, typer.Option(help="Longer side of the stored images (FFCV RGBImageField); 0 keeps every size.")
+    ] = 512,
+    jpeg_quality: Annotated[int, typer.Option(help="JPEG quality of re-encoded images (1-100).")] = 90,
+    write_mode: Annotated[
+        str,
+        typer.Option(
+            help="raw (pixels), jpg (JPEG), smart (JPEG above --smart-threshold raw bytes, else raw) or "
+            "proportion (JPEG with --compress-probability)."
+        ),
+    ] = "jpg",
+    compress_probability: Annotated[
+        float, typer.Option(help="write-mode proportion: probability that an image is stored as JPEG.")
+    ] = 0.5,
+    smart_threshold: Annotated[
+        int | None,
+        typer.Option(
+            help="write-mode smart: raw bytes above which an image is stored as JPEG (default 196608)."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes for checking and writing (default: all cores).")
+    ] = None,
+    on_bad_file: Annotated[
+        str,
+        typer.Option(
+            help="Unreadable image: skip (listed in the report and the index) or stop with an error."
+        ),
+    ] = "skip",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT and its index.")] = False,
+) -> None:
+    """Convert an ImageFolder (ImageNet layout) into an FFCV .beton plus its sidecar index."""
+    from data_tools.convert_imagefolder import convert_imagefolder
+
+    result = convert_imagefolder(
+        src,
+        out,
+        max_resolution=max_resolution,
+        jpeg_quality=jpeg_quality,
+        write_mode=write_mode,
+        compress_probability=compress_probability,
+        smart_threshold=smart_threshold,
+        workers=workers,
+        on_bad_file=on_bad_file,
+        overwrite=overwrite,
+        progress=True,
+        console=err_console,  # the progress bar goes to stderr
+    )
+    console.print(
+        f"wrote {result.beton}: {result.num_images} images, {len(result.classes)} classes, "
+        f"{result.beton_bytes / 2**20:.1f} MiB (write mode {write_mode}, max side {max_resolution or 'kept'}) "
+        f"in {result.seconds:.1f} s; index {result.sidecar}",
+        markup=False,  # file names may hold [brackets]
+    )
+    if result.skipped:
+        from rich.text import Text
+
+        table = Table("skipped file", "reason", title=f"{len(result.skipped)} unreadable file(s) skipped")
+        for entry in result.skipped[:20]:
+            table.add_row(Text(entry["file"]), Text(entry["reason"]))
+        console.print(table)
+        if len(result.skipped) > 20:
+            console.print(
+                f"... and {len(result.skipped) - 20} more; all are listed under 'skipped' in the index"
+            )
+
+
+def register(convert_app: typer.Typer, user_errors: Callable[[Any], Any], out: Console, err: Console) -> None:
+    """Add the `convert-dataset` commands to its sub-app; they print to ``out`` (progress bars to ``err``)."""
+    global console, err_console
+    console, err_console = out, err
+    convert_app.command("fashion-mnist")(user_errors(convert_fashion_mnist_cmd))
+    convert_app.command("imagefolder")(user_errors(convert_imagefolder_cmd))
     convert_app.command("images", help=IMAGES_HELP)(user_errors(convert_images_cmd))
     convert_app.command("arrays", help=ARRAYS_HELP)(user_errors(convert_arrays_cmd))
