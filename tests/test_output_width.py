@@ -96,6 +96,20 @@ def test_piped_output_every_report_when_the_interval_is_zero() -> None:
     assert all("(budget)" in line for line in lines)
 
 
+def test_piped_output_ends_with_the_step_a_budget_stopped_at() -> None:
+    buf = io.StringIO()
+    console = Console(width=80, file=buf, force_terminal=False)
+    with TrainProgress(console, total=None, start=0, plain_every_s=3600.0, budget_left_s=10.0) as progress:
+        for step in (5, 10, 15):
+            progress.update(step, {"loss": 1.0}, 0.1, 64.0)
+    lines = buf.getvalue().splitlines()
+    assert [line.split(" loss")[0] for line in lines] == ["train step 5", "train step 15"]
+    quiet = io.StringIO()
+    with TrainProgress(Console(file=quiet, force_terminal=False), total=None, start=7, budget_left_s=1.0):
+        pass  # no step trained (a resumed run whose budget was spent): nothing to report
+    assert quiet.getvalue() == ""
+
+
 def test_disabled_progress_prints_nothing() -> None:
     buf = io.StringIO()
     console = Console(width=80, file=buf, force_terminal=False)
@@ -117,8 +131,10 @@ def test_finetune_epochs_update_the_bar_instead_of_printing_a_line_each() -> Non
             progress.epoch_summary(epoch, {"loss": 2.0, "train_accuracy": 40.0 + epoch, "heldout_top1": 35.0})
     out = buf.getvalue()
     assert "epoch 1:" not in out  # no per-epoch lines
-    assert out.splitlines()[-1].startswith("finetune 30/500 loss 2.0000 | lr 0.01 | 300 img/s | epoch 2/50: ")
-    assert "epoch 2/50: train 42.0%, held-out 35.0%" in out
+    # each step's line carries the epoch before it; the last line, written at the end, the final epoch
+    assert out.splitlines()[-2].startswith("finetune 30/500 loss 2.0000 | lr 0.01 | 300 img/s | epoch 2/50: ")
+    assert out.splitlines()[-1].startswith("finetune 30/500 loss 2.0000 | lr 0.01 | 300 img/s | epoch 3/50: ")
+    assert "epoch 3/50: train 43.0%, held-out 35.0%" in out.splitlines()[-1]
     lines = _frame(progress, 80)
     assert "epoch 3/50: train 43.0%, held-out 35.0%" in "\n".join(lines)
     assert all(len(line) <= 80 for line in lines) and "…" not in "\n".join(lines)

@@ -141,7 +141,7 @@ def make_finetune_splits(
     heldout = np.sort(np.concatenate(held))
     train = np.setdiff1d(labelled, heldout)
     description = (
-        f"{ft.val_per_class} labelled images per class held out (seed {settings.data.split_seed}): "
+        f"{ft.val_per_class} labelled image{'s' if ft.val_per_class != 1 else ''} per class held out (seed {settings.data.split_seed}): "
         f"{heldout.size} held-out, {train.size} for training"
     )
     return FinetuneSplits(train, heldout, description)

@@ -160,8 +160,9 @@ def _run_trial(sweep: _Sweep, trial: Trial, number: str) -> dict[str, Any]:
     settings, run_dir = sweep.settings[tid], sweep.dir.trial_dir(tid)
     resume = (run_dir / CHECKPOINT).is_file() and not sweep.overwrite
     swept = " ".join(f"{k}={v}" for k, v in trial.swept(sweep.axes).items()) or "(no swept key)"
-    sweep.console.rule(
-        f"[bold]trial {number}: {escape(swept)}[/] ({'resumed' if resume else 'new'}, {run_dir})"
+    # A printed line, not a rule: a rule cuts its title to one line with an ellipsis, and these are what users copy.
+    sweep.console.print(
+        f"\n[bold]── trial {number}: {escape(swept)}[/] ({'resumed' if resume else 'new'}, {escape(str(run_dir))})"
     )
     try:
         run = train(settings, resume=resume, overwrite=not resume, console=sweep.console, default_name=tid)
@@ -250,7 +251,9 @@ def _select_and_test(sweep: _Sweep, records: list[dict[str, Any]]) -> dict[str, 
         return previous
     settings = sweep.settings[best["trial"]]
     checkpoint = sweep.dir.trial_dir(best["trial"]) / CHECKPOINT
-    sweep.console.rule(f"[bold]selected {best['trial']}: its test accuracy (the only test evaluation)")
+    sweep.console.print(
+        f"\n[bold]── selected {escape(best['trial'])}: its test accuracy (the only test evaluation)"
+    )
     test = evaluate_checkpoint(load_checkpoint(checkpoint), settings, str(checkpoint), on="test")
     atomic_write_text(results_path(checkpoint, "test"), json_dump(test.as_dict()))
     sweep.console.print(knn_table(test))

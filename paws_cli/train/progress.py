@@ -66,6 +66,7 @@ class TrainProgress:
         self.plain_every_s = plain_every_s
         self._started = time.perf_counter()
         self._last_plain: float | None = None
+        self._plain_shown: tuple[int, str, str] | None = None  # (step, stats, epoch) of the last plain line
         self._live: Live | None = None
 
     @property
@@ -86,6 +87,13 @@ class TrainProgress:
         if self._live is not None:
             self._live.__exit__(kind, exc, tb)
             self._live = None
+        elif self.enabled and self.step > self.start and self._plain_shown != self._state():
+            # A log's last line tells where the run ended: the final epoch's text, or the step a time budget
+            # stopped at before the next timed line was due.
+            self._plain_line(force=True)
+
+    def _state(self) -> tuple[int, str, str]:
+        return self.step, self.stats, self.epoch
 
     def update(self, step: int, values: dict[str, float], lr: float, images_per_s: float) -> None:
         """The run reached ``step``; ``values`` are the logged means (loss, me_max_kl, ...)."""
@@ -129,12 +137,13 @@ class TrainProgress:
         """The statistics and the epoch text, as one string."""
         return " | ".join(part for part in (self.stats, self.epoch) if part)
 
-    def _plain_line(self) -> None:
+    def _plain_line(self, force: bool = False) -> None:
         now = time.perf_counter()
-        last = self.total is not None and self.step >= self.total
+        last = force or (self.total is not None and self.step >= self.total)
         if not last and self._last_plain is not None and now - self._last_plain < self.plain_every_s:
             return
         self._last_plain = now
+        self._plain_shown = self._state()
         details = self.details()
         self.console.print(
             f"{self.label} {self.steps_text()}"
