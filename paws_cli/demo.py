@@ -3,8 +3,8 @@ any in-memory dataset (``data.path=DIR`` from `paws convert-dataset images|array
 your labels alone?
 
 1. pretrain PAWS with the recipe (its epochs fix the budget); 2. PAWS-NN with the run's labelled subset as bank;
-3. PAWS fine-tuned (SimCLRv2-style, the recipe's finetune.* settings) on the labelled subset minus
-finetune.val_per_class images per class, which select the epoch; 4-6. the same for SemPPL (recipe
+3. PAWS fine-tuned with the recipe's finetune.* settings (the demo recipes: on every labelled image for a fixed
+number of epochs; SimCLRv2's protocol holds finetune.val_per_class images per class out to select the epoch); 4-6. the same for SemPPL (recipe
 ``semppl_<recipe>``), trained for the same wall-clock time as PAWS; 7. the supervised-only baseline (same backbone,
 augmentations and labelled images), same wall-clock time; 8. raw-pixel soft-NN on the same labelled images; then
 one table, also written to runs/<name>/demo_results.json.
@@ -229,7 +229,10 @@ def _report(
         )
     for m in learned:
         f = m.finetuned
-        text = f"{m.label} fine-tuned ({f.train_images} labels train, {f.heldout_images} select)"
+        if f.select == "last":  # a fixed epoch count chosen beforehand: every label trains, none selects
+            text = f"{m.label} fine-tuned ({f.train_images} labels, {f.epochs:g} epochs)"
+        else:
+            text = f"{m.label} fine-tuned ({f.train_images} labels train, {f.heldout_images} select)"
         rows.append((text, f.test_top1, f.test_top5, f"+{f.train_seconds:.0f}"))
     rows.append(
         (

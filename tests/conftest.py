@@ -64,6 +64,14 @@ def tiny_overrides(tiny_dataset: Path, tmp_path: Path) -> list[str]:
         "run.name=tiny",
         "run.progress=false",
         "run.log_every=4",
+        # SimCLRv2's fine-tuning protocol, which the fine-tuning tests were written for (fmnist_demo's own
+        # protocol, a prototype classifier on all labels, is tested in test_finetune_protocol.py)
+        "finetune.classifier_init=zero",
+        "finetune.normalize_features=false",
+        "finetune.keep_projection_layers=1",
+        "finetune.backbone_lr_scale=1.0",
+        "finetune.select=accuracy",
+        "finetune.val_per_class=2",
     ]
 
 

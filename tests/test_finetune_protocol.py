@@ -220,3 +220,22 @@ def test_defaults_keep_simclrv2s_protocol(pretrained: Path) -> None:
         assert groups[0]["lr"] == groups[1]["lr"]
     finally:
         release_run_dir(run_dir_of(run.settings, "tiny_finetune"))
+
+
+def test_demo_recipe_uses_the_small_data_protocol_and_60pc_simclrv2s() -> None:
+    demo = load_settings("fmnist_demo", [], environ={}).finetune
+    assert (demo.classifier_init, demo.normalize_features, demo.keep_projection_layers) == (
+        "prototypes",
+        True,
+        2,
+    )
+    assert (demo.backbone_lr_scale, demo.select, demo.val_per_class, demo.epochs) == (0.01, "last", 0, 50)
+    sixty = load_settings("fmnist_60pc", [], environ={}).finetune
+    assert (sixty.classifier_init, sixty.normalize_features, sixty.keep_projection_layers) == (
+        "zero",
+        False,
+        1,
+    )
+    assert (sixty.backbone_lr_scale, sixty.select, sixty.val_per_class) == (1.0, "accuracy", 2)
+    semppl = load_settings("semppl_fmnist_demo", [], environ={}).finetune  # the demo fine-tunes both alike
+    assert semppl == demo
