@@ -75,6 +75,13 @@ def semppl_recipe_for(recipe: str) -> str | None:
     return name if name in recipe_names() else None
 
 
+def supervised_recipe_for(recipe: str) -> str:
+    """The supervised baseline's recipe: ``supervised_<recipe>`` when there is one (its own tuned settings, as
+    SemPPL has ``semppl_<recipe>``), else the demo recipe itself (run with method=supervised)."""
+    name = f"supervised_{recipe}"
+    return name if name in recipe_names() else recipe
+
+
 #: Labelled classes per step of the demo's methods: at most the dataset's class count.
 CLASS_KEYS = (
     "paws.classes_per_batch",
@@ -145,8 +152,9 @@ def short_schedule_note(settings: Settings, train_images: int) -> str | None:
 def run_demo(recipe: str, overrides: Sequence[str], console: Console) -> dict[str, object]:
     started = time.perf_counter()
     semppl_recipe = semppl_recipe_for(recipe)
+    supervised_recipe = supervised_recipe_for(recipe)
     fitted, dataset = fit_to_dataset(
-        [recipe, *([semppl_recipe] if semppl_recipe else [])], overrides, console
+        [recipe, *([semppl_recipe] if semppl_recipe else []), supervised_recipe], overrides, console
     )
     overrides = [*overrides, *fitted]
     name = load_settings(recipe, overrides).run.name or recipe
@@ -162,7 +170,7 @@ def run_demo(recipe: str, overrides: Sequence[str], console: Console) -> dict[st
         f"[bold]{steps - 1}/{steps} supervised-only baseline, same budget ({paws.run.train_seconds:.0f} s)"
     )
     sup_settings = load_settings(
-        recipe, [*overrides, "method=supervised", f"run.name={name}_supervised", budget]
+        supervised_recipe, [*overrides, "method=supervised", f"run.name={name}_supervised", budget]
     )
     supervised = train(sup_settings, overwrite=True, console=console, default_name=f"{name}_supervised")
     sup_eval = _save_knn(

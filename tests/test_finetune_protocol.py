@@ -239,3 +239,15 @@ def test_demo_recipe_uses_the_small_data_protocol_and_60pc_simclrv2s() -> None:
     assert (sixty.backbone_lr_scale, sixty.select, sixty.val_per_class) == (1.0, "accuracy", 2)
     semppl = load_settings("semppl_fmnist_demo", [], environ={}).finetune  # the demo fine-tunes both alike
     assert semppl == demo
+
+
+def test_the_demo_trains_its_supervised_baseline_with_the_baselines_own_recipe() -> None:
+    from paws_cli.demo import supervised_recipe_for
+
+    assert supervised_recipe_for("fmnist_demo") == "supervised_fmnist_demo"
+    # none of its own: the demo recipe's settings
+    assert supervised_recipe_for("fmnist_60pc") == "fmnist_60pc"
+    baseline = load_settings("supervised_fmnist_demo", [], environ={})
+    demo = load_settings("fmnist_demo", [], environ={})
+    assert (baseline.method, baseline.optim.lr, demo.optim.lr) == ("supervised", 2.0, 1.0)
+    assert baseline.augment == demo.augment and baseline.supervised == demo.supervised
