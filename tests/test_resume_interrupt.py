@@ -86,6 +86,8 @@ def test_parameters_match_the_pre_refactor_code(method: str, tiny_overrides: lis
     rounding differences grow chaotically over 32 steps (10% seen on another CPU), so only the 4 steps are checked.
     """
     pins = json.loads(PINNED.read_text())
+    # the recipe's crop when the pins were recorded (fmnist_demo's was tuned to (0.75, 1) since)
+    tiny_overrides = [*tiny_overrides, "augment.large_scale=[0.3,1.0]"]
     short = [o for o in tiny_overrides if not o.startswith(("optim.epochs=", "optim.warmup_epochs="))]
     short += ["optim.epochs=0.25", "optim.warmup_epochs=0.0625"]
     if (

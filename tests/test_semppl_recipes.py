@@ -142,13 +142,13 @@ def test_recipes_ls_rows() -> None:
         set(IMAGENET) | {CIFAR} <= set(listed_recipes()) and "_semppl_imagenet_base" not in listed_recipes()
     )
     row = recipe_row("semppl_r50_10pct")
-    assert (row.model, row.labels, row.world_size, row.global_batch, row.global_support, row.epochs) == (
+    assert (row.model, row.labels, row.world_size, row.global_batch, row.global_support, row.schedule) == (
         "resnet50",
         "10%",
         64,
         4096,
         "none",
-        300,
+        "300 epochs",
     )
     assert recipe_row("semppl_fmnist_demo").global_support == "sub-batch 10"
     assert recipe_row("r50_1pct").global_support == "960 x 7"
