@@ -18,9 +18,11 @@ from paws_cli.config import load_settings
 from paws_cli.data.sampling.batch import Batch
 from paws_cli.losses import paws_loss, support_label_matrix
 from paws_cli.methods import create_method
+from paws_cli.train import step as train_step
+from paws_cli.train.banner import describe_compute, slow_bf16_warning
 from paws_cli.train.loop import train
 from paws_cli.train.process_group import DistContext, compile_backbone, wrap_model
-from paws_cli.train.step import autocast_for, backward_and_step, make_grad_scaler
+from paws_cli.train.step import autocast_for, backward_and_step, make_grad_scaler, resolve_precision
 
 CPU = torch.device("cpu")
 B, M, K, P = 4, 2, 4, 2  # unlabelled images, small views, support classes x images
@@ -199,3 +201,39 @@ def test_training_run_with_bf16_and_channels_last(tiny_overrides: list[str], tmp
     assert result.steps == 4 and result.is_main and result.world_size == 1
     assert "compute: device cpu, bf16 autocast (loss in fp32), channels_last, eager" in out.getvalue()
     assert all(torch.isfinite(torch.tensor(v)) for v in result.last_epoch.values())
+
+
+@pytest.mark.parametrize("has_kernels", [False, True])
+def test_auto_precision_is_bf16_only_on_cpus_with_bf16_kernels(
+    has_kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run.precision=auto: bf16 where oneDNN has bf16 kernels, fp32 on AVX2-only CPUs (where bf16 autocast was
+    measured ~10x slower); an explicit bf16 there is kept, with a warning that names the fix."""
+    monkeypatch.setattr(train_step, "cpu_has_bf16_kernels", lambda: has_kernels)
+    expected = "bf16" if has_kernels else "fp32"
+    assert resolve_precision(CPU, "auto") == expected
+    assert [resolve_precision(CPU, p) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    with autocast_for(CPU, "auto"):
+        out = nn.Linear(4, 4)(torch.ones(2, 4))
+    assert out.dtype == (torch.bfloat16 if has_kernels else torch.float32)
+    assert make_grad_scaler(CPU, "auto") is None
+    with pytest.raises(ValueError, match=r"run\.precision must be"):
+        resolve_precision(CPU, "fp8")
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=CPU)
+    auto = load_settings("fmnist_demo", ["run.precision=auto"], environ={})
+    line = describe_compute(auto, ctx)
+    kernels = "has bf16 kernels" if has_kernels else "has no bf16 kernels"
+    assert f"{expected}" in line and f"(run.precision=auto: this CPU {kernels})" in line
+    assert slow_bf16_warning(auto, ctx) is None
+    explicit = load_settings("fmnist_demo", ["run.precision=bf16"], environ={})
+    warning = slow_bf16_warning(explicit, ctx)
+    assert (warning is None) == has_kernels
+    if warning:
+        assert "run.precision=fp32" in warning and "auto" in warning
+
+
+def test_this_cpus_bf16_kernels_are_reported_by_onednn() -> None:
+    """The probe answers a bool on any CPU (no exception), the same on every call."""
+    assert isinstance(train_step.cpu_has_bf16_kernels(), bool)
+    assert train_step.cpu_has_bf16_kernels() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

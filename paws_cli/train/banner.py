@@ -11,6 +11,7 @@ from paws_cli.config import Settings
 from paws_cli.data.needs import needs_of
 from paws_cli.method_registry import method_class
 from paws_cli.methods.sizes import GlobalSizes, global_sizes
+from paws_cli.train import step as train_step
 from paws_cli.train.process_group import DistContext
 
 
@@ -21,12 +22,32 @@ def describe_compute(settings: Settings, ctx: DistContext) -> str:
     if ctx.world_size > 1:
         sync = m.sync_batchnorm and ctx.device.type != "cpu"
         parts.append("DDP, SyncBatchNorm" if sync else "DDP, per-process BatchNorm")
-    parts.append("fp32" if run.precision == "fp32" else f"{run.precision} autocast (loss in fp32)")
-    if run.precision == "fp16" and ctx.device.type == "cuda":
+    precision = train_step.resolve_precision(ctx.device, run.precision)
+    text = "fp32" if precision == "fp32" else f"{precision} autocast (loss in fp32)"
+    if run.precision == "auto":
+        text += f" (run.precision=auto{'' if ctx.device.type == 'cuda' else ': ' + _cpu_bf16_text()})"
+    parts.append(text)
+    if precision == "fp16" and ctx.device.type == "cuda":
         parts.append("grad scaler")
     parts.append("channels_last" if m.channels_last else "contiguous NCHW")
     parts.append("torch.compile(backbone)" if m.compile else "eager")
     return ", ".join(parts)
+
+
+def _cpu_bf16_text() -> str:
+    return (
+        "this CPU has bf16 kernels" if train_step.cpu_has_bf16_kernels() else "this CPU has no bf16 kernels"
+    )
+
+
+def slow_bf16_warning(settings: Settings, ctx: DistContext) -> str | None:
+    """A warning when bf16 is asked for on a CPU without bf16 kernels, where it is many times slower than fp32."""
+    if settings.run.precision != "bf16" or ctx.device.type != "cpu" or train_step.cpu_has_bf16_kernels():
+        return None
+    return (
+        "warning: run.precision=bf16 on a CPU without bf16 kernels (no AVX512/AMX): autocast runs reference code, "
+        "about 10x slower than fp32 here; pass run.precision=fp32 (or auto, which picks bf16 only where it is fast)"
+    )
 
 
 def describe_globals(settings: Settings, world: int, steps_per_epoch: int, total_steps: int) -> list[str]:

@@ -27,6 +27,7 @@ from paws_cli.train.banner import (
     describe_globals,
     images_per_step,
     labelled_only,
+    slow_bf16_warning,
     start_line,
     world_size_warning,
 )
@@ -309,9 +310,9 @@ def _start_logs(run: Run, *, resumed: bool) -> None:
         console.print(data.supports.describe())  # a labelled-only method's batch has its own line below
     for line in describe_globals(settings, run.ctx.world_size, data.steps_per_epoch, run.total_steps):
         console.print(f"  {line}")
-    warning = world_size_warning(settings, run.ctx.world_size)
-    if warning:
-        console.print(warning, style="yellow", markup=False, highlight=False)
+    for warning in (world_size_warning(settings, run.ctx.world_size), slow_bf16_warning(settings, run.ctx)):
+        if warning:
+            console.print(warning, style="yellow", markup=False, highlight=False)
     run.step_log, run.epoch_log = open_metric_logs(
         run.run_dir, tensorboard=run.settings.run.tensorboard, resumed_at=run.step if resumed else None
     )
