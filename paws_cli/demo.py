@@ -153,9 +153,8 @@ def run_demo(recipe: str, overrides: Sequence[str], console: Console) -> dict[st
     started = time.perf_counter()
     semppl_recipe = semppl_recipe_for(recipe)
     supervised_recipe = supervised_recipe_for(recipe)
-    fitted, dataset = fit_to_dataset(
-        [recipe, *([semppl_recipe] if semppl_recipe else []), supervised_recipe], overrides, console
-    )
+    recipes = list(dict.fromkeys([recipe, *([semppl_recipe] if semppl_recipe else []), supervised_recipe]))
+    fitted, dataset = fit_to_dataset(recipes, overrides, console)
     overrides = [*overrides, *fitted]
     name = load_settings(recipe, overrides).run.name or recipe
     steps = 8 if semppl_recipe else 5

@@ -193,12 +193,14 @@ def _from_finetune(path: Path, raw: dict[str, Any]) -> PretrainedWeights:
     if not isinstance(model, Mapping) or not isinstance(settings, Mapping):
         raise CheckpointError(f"fine-tuning checkpoint '{path}' has no 'model' weights or 'settings'")
     # finetune.keep_projection_layers=1 keeps projection.first as ``head``; more layers keep the head's names
-    # under ``head`` (finetune.model.KeptProjection). The first matching prefix wins.
+    # under ``head``, and keep_prediction_head the predictor as ``head.prediction`` (finetune.model.KeptProjection).
+    # The first matching prefix wins.
     renamed = {
         "backbone.": "backbone.",
         "head.first.": "projection.first.",
         "head.middle.": "projection.middle.",
         "head.last.": "projection.last.",
+        "head.prediction.": "prediction.",
         "head.": "projection.first.",
     }
     encoder: dict[str, Tensor] = {}
@@ -216,7 +218,7 @@ def _from_finetune(path: Path, raw: dict[str, Any]) -> PretrainedWeights:
         m.proj_hidden_dim,
         m.proj_out_dim,
         m.proj_layers,
-        None,
+        m.pred_hidden_dim if any(k.startswith("prediction.") for k in encoder) else None,
     )
     meta = {"method": "finetune", "epoch": raw.get("epoch"), "step": raw.get("step")}
     return PretrainedWeights(path, "paws-finetune", dict(settings), architecture, encoder, extra, meta)

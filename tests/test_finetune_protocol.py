@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 
 from paws_cli.config import load_settings
@@ -114,6 +115,35 @@ def test_prototype_init_starts_as_nearest_prototype_on_the_paws_nn_embedding() -
         prototype_weights(bank, labels, 4, tau=0.1)
 
 
+def test_prototype_init_on_the_prediction_embedding_matches_the_nn_embedding() -> None:
+    """keep_prediction_head: the classifier starts as nearest-prototype over ``embed(x, 'prediction')``, the
+    embedding SemPPL-NN (eval.embedding=auto) classifies with; the projection output alone gives another one."""
+    encoder = _encoder(pred=32)
+    gen = torch.Generator().manual_seed(2)
+    bank_x, queries_x = torch.randn(12, 1, 16, 16, generator=gen), torch.randn(9, 1, 16, 16, generator=gen)
+    labels = torch.tensor([0, 1, 2] * 4)
+    with torch.no_grad():
+        bank, queries = encoder.embed(bank_x, "prediction"), encoder.embed(queries_x, "prediction")
+        projected = encoder.embed(queries_x, "projection")
+    expected = _reference_prototype_probs(queries, bank, labels, tau=0.1)
+
+    model = build_finetune_model(
+        encoder, 3, keep_projection_layers=2, mode="full", normalize=True, keep_prediction_head=True
+    ).eval()
+    assert model.head.prediction is encoder.prediction  # shared, not copied
+    with torch.no_grad():
+        assert torch.allclose(model.features(queries_x), F.normalize(queries, dim=1), atol=1e-6)
+        assert not torch.allclose(model.features(queries_x), F.normalize(projected, dim=1), atol=1e-3)
+        model.init_from_prototypes(model.features(bank_x), labels, tau=0.1)
+        probs = torch.softmax(model(queries_x).double(), dim=1)
+    assert torch.allclose(probs, expected, atol=1e-5)
+    # the predictor reads the whole projection head, and the checkpoint must have one
+    with pytest.raises(ValueError, match="keep_projection_layers=2, got 1"):
+        build_finetune_model(encoder, 3, keep_projection_layers=1, mode="full", keep_prediction_head=True)
+    with pytest.raises(ValueError, match="it has none"):
+        build_finetune_model(_encoder(), 3, keep_projection_layers=2, mode="full", keep_prediction_head=True)
+
+
 def test_run_starts_from_the_training_images_prototypes(pretrained: Path, tiny_dataset: Path) -> None:
     run = _set_up(pretrained, SMALL_DATA)
     try:
@@ -199,6 +229,39 @@ def test_no_held_out_images_train_on_all_and_test_the_last_epoch(pretrained: Pat
     assert set(load_pretrained(result.best_checkpoint).part("projection.")) == {
         k[len("projection.") :] for k in _encoder().state_dict() if k.startswith("projection.")
     }
+
+
+def test_a_fine_tuned_prediction_head_maps_back_to_the_encoders(
+    tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    """keep_prediction_head=true (SemPPL's embedding): the run trains the predictor under the classifier, and
+    its fine-tuning checkpoint loads as an encoder with that prediction head (``head.prediction.*``)."""
+    settings = load_settings("fmnist_demo", [*tiny_overrides, "model.pred_hidden_dim=32"], environ={})
+    encoder = _encoder(pred=32)
+    payload = {
+        "method": "paws",
+        "settings": settings.model_dump(mode="json"),
+        "model": PAWSModel(encoder).state_dict(),
+    }
+    (tmp_path / "runs" / "pred").mkdir(parents=True)
+    checkpoint = save_checkpoint(tmp_path / "runs" / "pred" / "checkpoint.pt", payload)
+    weights = load_pretrained(checkpoint)
+    overrides = [*FT, *SMALL_DATA, "finetune.keep_prediction_head=true", "finetune.val_per_class=0"]
+    ft_settings, _ = resolve_settings(
+        weights, None, [*overrides, "finetune.select=last"], environ={}, new_run=True
+    )
+    result = run_finetune(ft_settings, weights, console=QUIET, default_name="tiny_finetune")
+    tuned = load_pretrained(result.best_checkpoint)
+    saved = load_checkpoint(result.best_checkpoint)["model"]
+    before = {
+        k[len("prediction.") :]: v for k, v in encoder.state_dict().items() if k.startswith("prediction.")
+    }
+    after = tuned.part("prediction.")
+    assert set(after) == set(before)
+    for name, value in after.items():
+        assert torch.equal(value, saved[f"head.prediction.{name}"]), name
+    assert not torch.equal(after["fc2.weight"], before["fc2.weight"])  # it trained (backbone_lr_scale 0.1)
+    assert tuned.architecture.pred_hidden_dim == 32  # e.g. `paws export` of it keeps the predictor's shape
 
 
 def test_defaults_keep_simclrv2s_protocol(pretrained: Path) -> None:

@@ -280,8 +280,11 @@ class RunSettings(Section):
     out_dir: str = Field("runs", description="Parent folder of run directories.")
     seed: int = Field(0, description="Seed of everything random in the run.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when available.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Autocast precision of the network (the loss is always float32)."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Autocast precision of the network (the loss is always float32). auto: bf16 on CUDA GPUs "
+        "that support it (else fp16) and on CPUs with bf16 kernels (AVX512/AMX), fp32 on other CPUs, where bf16 "
+        "is about 10x slower.",
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = all cores.")
     log_every: int = Field(10, ge=1, description="Write step metrics every N steps.")
@@ -364,6 +367,12 @@ class FinetuneSettings(Section):
         ge=0,
         description="Projection layers kept under the classifier (1: Linear+BN+ReLU, as SimCLRv2; "
         "model.proj_layers: the whole head, whose output PAWS-NN uses when there is no prediction head).",
+    )
+    keep_prediction_head: bool = Field(
+        False,
+        description="Also keep the prediction head on top of the whole projection head (needs "
+        "keep_projection_layers=model.proj_layers): the embedding nearest-neighbour evaluation uses when the "
+        "checkpoint has one (SemPPL's predictor), for classifier_init=prototypes on SemPPL-NN's embedding.",
     )
     crop_scale: tuple[float, float] = Field(
         (0.08, 1.0), description="RandomResizedCrop area range of the fine-tuning augmentation (plus flip)."

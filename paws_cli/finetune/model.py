@@ -85,19 +85,27 @@ class FinetuneModel(nn.Module):
 
 class KeptProjection(nn.Module):
     """The first ``k >= 2`` Linear layers of a ``ProjectionHead``, under the head's own names (``first``,
-    ``middle``, and ``last`` when the whole head is kept), so a fine-tuning checkpoint's ``head.*`` keys map back
-    to ``projection.*``. The modules are the encoder's (shared, not copied)."""
+    ``middle``, and ``last`` when the whole head is kept), then optionally the encoder's prediction head (as
+    ``prediction``), so a fine-tuning checkpoint's ``head.*`` keys map back to ``projection.*`` and
+    ``prediction.*``. The modules are the encoder's (shared, not copied)."""
 
-    def __init__(self, projection: nn.Module, k: int) -> None:
+    def __init__(self, projection: nn.Module, k: int, prediction: nn.Module | None = None) -> None:
         super().__init__()
         self.first = projection.first
         self.middle = nn.Sequential(*list(projection.middle)[: k - 1])
         self.last = projection.last if k == projection.num_layers else None
+        if prediction is not None and self.last is None:
+            raise ValueError(
+                "the prediction head reads the whole projection head's output; keep all its layers"
+            )
+        self.prediction = prediction
         self.out_dim = int(projection.out_dim if self.last is not None else projection.hidden_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.middle(self.first(x))
-        return self.last(x) if self.last is not None else x
+        if self.last is not None:
+            x = self.last(x)
+        return self.prediction(x) if self.prediction is not None else x
 
 
 def build_finetune_model(
@@ -107,12 +115,15 @@ def build_finetune_model(
     keep_projection_layers: int,
     mode: str,
     normalize: bool = False,
+    keep_prediction_head: bool = False,
 ) -> FinetuneModel:
     """Keep ``encoder.backbone`` and the first ``keep_projection_layers`` Linear layers of its projection head.
 
     1 keeps ``encoder.projection.first`` (SimCLRv2); the head's layer count keeps the whole head, whose output
-    is the embedding PAWS-NN uses when there is no prediction head. The kept modules are shared with ``encoder``
-    (not copied: a ResNet-50x4 is 1.5 GB), whose other heads are simply not used.
+    is the embedding PAWS-NN uses when there is no prediction head. ``keep_prediction_head`` also keeps the
+    prediction head on top of the whole projection head: the embedding nearest-neighbour evaluation uses when
+    there is one (SemPPL's predictor). The kept modules are shared with ``encoder`` (not copied: a ResNet-50x4 is
+    1.5 GB), whose other heads are simply not used.
     """
     if mode not in ("full", "linear"):
         raise ValueError(f"finetune.mode must be 'full' or 'linear', got {mode!r}")
@@ -121,6 +132,11 @@ def build_finetune_model(
         raise ValueError(f"finetune.keep_projection_layers must be 0 or more, got {k!r}")
     head: nn.Module | None = None
     feature_dim = encoder.feature_dim
+    if keep_prediction_head and k < 1:
+        raise ValueError(
+            "finetune.keep_prediction_head=true needs the whole projection head under it; set "
+            "finetune.keep_projection_layers to model.proj_layers"
+        )
     if k >= 1:
         projection = encoder.projection
         layers = getattr(projection, "num_layers", 0) if hasattr(projection, "first") else 0
@@ -134,10 +150,17 @@ def build_finetune_model(
                 f"finetune.keep_projection_layers={k} but the projection head has {layers} Linear layers "
                 f"(model.proj_layers); use 0 to {layers} ({layers} keeps the whole head)"
             )
-        if k == 1:
+        if keep_prediction_head and (k != layers or encoder.prediction is None):
+            raise ValueError(
+                "finetune.keep_prediction_head=true needs the whole projection head under it "
+                f"(finetune.keep_projection_layers={layers}, got {k}) and a checkpoint with a prediction head "
+                f"({'it has one' if encoder.prediction is not None else 'it has none'})"
+            )
+        if k == 1 and not keep_prediction_head:
             head, feature_dim = projection.first, int(projection.first.fc.out_features)
         else:
-            kept = KeptProjection(projection, k)
+            prediction = encoder.prediction if keep_prediction_head else None
+            kept = KeptProjection(projection, k, prediction)
             head, feature_dim = kept, kept.out_dim
     return FinetuneModel(
         encoder.backbone, head, feature_dim, num_classes, frozen=mode == "linear", normalize=normalize

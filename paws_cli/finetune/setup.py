@@ -252,6 +252,7 @@ def _build(
         keep_projection_layers=ft.keep_projection_layers,
         mode=ft.mode,
         normalize=ft.normalize_features,
+        keep_prediction_head=ft.keep_prediction_head,
     ).to(ctx.device)
     if settings.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
