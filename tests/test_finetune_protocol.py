@@ -320,8 +320,9 @@ def test_the_demo_trains_its_supervised_baseline_with_the_baselines_own_recipe()
     from paws_cli.demo import supervised_recipe_for
 
     assert supervised_recipe_for("fmnist_demo") == "supervised_fmnist_demo"
+    assert supervised_recipe_for("fmnist_60pc") == "supervised_fmnist_60pc"
     # none of its own: the demo recipe's settings
-    assert supervised_recipe_for("fmnist_60pc") == "fmnist_60pc"
+    assert supervised_recipe_for("r50_10pct") == "r50_10pct"
     baseline = load_settings("supervised_fmnist_demo", [], environ={})
     demo = load_settings("fmnist_demo", [], environ={})
     assert (baseline.method, baseline.optim.lr, demo.optim.lr) == ("supervised", 2.0, 1.0)
