@@ -313,7 +313,7 @@ def test_demo_recipe_uses_the_small_data_protocol_and_60pc_simclrv2s() -> None:
         0,
         50,
     )
-    assert semppl.lr == demo.lr and semppl.crop_scale == demo.crop_scale
+    assert semppl.lr == demo.lr and (semppl.crop_scale, demo.crop_scale) == ((0.3, 1.0), (0.75, 1.0))
 
 
 def test_the_demo_trains_its_supervised_baseline_with_the_baselines_own_recipe() -> None:
