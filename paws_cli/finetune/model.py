@@ -94,10 +94,6 @@ class KeptProjection(nn.Module):
         self.first = projection.first
         self.middle = nn.Sequential(*list(projection.middle)[: k - 1])
         self.last = projection.last if k == projection.num_layers else None
-        if prediction is not None and self.last is None:
-            raise ValueError(
-                "the prediction head reads the whole projection head's output; keep all its layers"
-            )
         self.prediction = prediction
         self.out_dim = int(projection.out_dim if self.last is not None else projection.hidden_dim)
 
@@ -132,14 +128,16 @@ def build_finetune_model(
         raise ValueError(f"finetune.keep_projection_layers must be 0 or more, got {k!r}")
     head: nn.Module | None = None
     feature_dim = encoder.feature_dim
-    if keep_prediction_head and k < 1:
+    projection = encoder.projection
+    layers = getattr(projection, "num_layers", 0) if hasattr(projection, "first") else 0
+    # the predictor reads the whole projection head's output
+    if keep_prediction_head and (k != layers or not layers or encoder.prediction is None):
         raise ValueError(
-            "finetune.keep_prediction_head=true needs the whole projection head under it; set "
-            "finetune.keep_projection_layers to model.proj_layers"
+            "finetune.keep_prediction_head=true needs the whole projection head under it "
+            f"(finetune.keep_projection_layers={layers}, got {k}) and a checkpoint with a prediction head "
+            f"({'it has one' if encoder.prediction is not None else 'it has none'})"
         )
     if k >= 1:
-        projection = encoder.projection
-        layers = getattr(projection, "num_layers", 0) if hasattr(projection, "first") else 0
         if not layers:
             raise ValueError(
                 "the checkpoint's encoder has no projection head to keep a layer of (e.g. the supervised "
@@ -149,12 +147,6 @@ def build_finetune_model(
             raise ValueError(
                 f"finetune.keep_projection_layers={k} but the projection head has {layers} Linear layers "
                 f"(model.proj_layers); use 0 to {layers} ({layers} keeps the whole head)"
-            )
-        if keep_prediction_head and (k != layers or encoder.prediction is None):
-            raise ValueError(
-                "finetune.keep_prediction_head=true needs the whole projection head under it "
-                f"(finetune.keep_projection_layers={layers}, got {k}) and a checkpoint with a prediction head "
-                f"({'it has one' if encoder.prediction is not None else 'it has none'})"
             )
         if k == 1 and not keep_prediction_head:
             head, feature_dim = projection.first, int(projection.first.fc.out_features)

@@ -23,12 +23,18 @@ def cpu_has_bf16_kernels() -> bool:
         return False
 
 
+@functools.cache
+def _cuda_has_bf16() -> bool:
+    # asked once per process: autocast_for resolves the precision at every step
+    return torch.cuda.is_bf16_supported()
+
+
 def resolve_precision(device: torch.device, precision: str) -> Precision:
     """The precision a run uses: ``auto`` is bf16 on CUDA GPUs that support it (fp16 on older ones) and on CPUs
     with bf16 kernels, fp32 on other CPUs; any other value is itself."""
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if _cuda_has_bf16() else "fp16"
         return "bf16" if cpu_has_bf16_kernels() else "fp32"
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"run.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
